@@ -1,0 +1,290 @@
+"""The one place where torch meets Dr.Jit.
+
+* Device and precision: torch ``cpu`` tensors map to Dr.Jit's LLVM backend,
+  ``cuda`` tensors to its CUDA backend; float32 and float64 are supported.
+* Zero-copy conversion: :func:`to_drjit` wraps a contiguous torch tensor's
+  memory as a flat Dr.Jit array (DLPack), :func:`to_torch` does the reverse.
+* :func:`kernel_function` turns a Dr.Jit kernel into a differentiable torch
+  callable (a ``torch.autograd.Function``). The vector-Jacobian product comes
+  either from Dr.Jit's reverse-mode AD (the forward is re-run under AD in the
+  backward pass, so no graph is kept alive between passes and repeated backward
+  calls are exact) or from an adjoint/Jacobian the kernel supplies.
+
+Tensor layout at the boundary: a tensor of shape ``(N,)`` becomes one Dr.Jit
+array of N lanes; ``(N, k)`` becomes a tuple of k arrays (structure of arrays);
+a 0-d tensor becomes a 1-lane array that broadcasts against N lanes (its
+gradient is summed over lanes, as for a broadcast parameter in torch).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import drjit as dr
+import torch
+
+from pyhybrid.kernels.backend import KernelTypes, cuda_available, kernel_types, llvm_version
+
+__all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
+           "to_drjit", "to_torch", "kernel_function"]
+
+_DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
+
+# ---------------------------------------------------------------- device / threads
+
+
+def set_threads(n: int) -> None:
+    """Set the number of CPU worker threads of Dr.Jit's LLVM backend (>= 1)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    dr.set_thread_count(n)
+
+
+def get_threads() -> int:
+    """Number of CPU worker threads Dr.Jit's LLVM backend uses."""
+    return dr.thread_count()
+
+
+def types_for(device: str | torch.device, dtype: torch.dtype) -> KernelTypes:
+    """Dr.Jit types for a torch device and dtype (float32 or float64)."""
+    device = torch.device(device).type
+    if dtype not in _DTYPE_TO_PRECISION:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return kernel_types(device, _DTYPE_TO_PRECISION[dtype])
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_tensor(
+    value: Any,
+    name: str,
+    *,
+    shape: Sequence[int | None] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Validate a tensor argument and return it; errors name the argument.
+
+    ``shape`` entries of None match any size. ``finite`` rejects NaN/inf.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if shape is not None:
+        ok = value.dim() == len(shape) and all(
+            want is None or want == got for want, got in zip(shape, value.shape)
+        )
+        if not ok:
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
+    if device is not None and value.device.type != torch.device(device).type:
+        raise ValueError(f"{name} must be on device {torch.device(device).type}, got {value.device}")
+    if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return value
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def to_drjit(tensor: torch.Tensor, name: str = "tensor"):
+    """Flat Dr.Jit view of a float32/float64 torch tensor, without copying.
+
+    The tensor is flattened (copied only if not contiguous); cpu -> LLVM
+    backend, cuda -> CUDA backend. Returns the AD-capable ``Float`` type of
+    the matching precision.
+    """
+    types = types_for(tensor.device, tensor.dtype)
+    flat = tensor.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return types.Float(flat)
+
+
+def to_torch(array, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Torch view of an evaluated Dr.Jit array (zero-copy), optionally reshaped."""
+    out = array.torch()
+    return out if shape is None else out.reshape(tuple(shape))
+
+
+def _split(flat, shape: tuple[int, ...]):
+    """Flat array of a (N,), (N, k) or () tensor -> array / tuple of column arrays."""
+    if len(shape) <= 1:
+        return flat
+    n, k = shape
+    index = dr.arange(dr.uint32_array_t(type(flat)), n) * k
+    return tuple(dr.gather(type(flat), flat, index + j) for j in range(k))
+
+
+def _join(value, types: KernelTypes) -> torch.Tensor:
+    """Kernel output (array, or list/vector of column arrays) -> new torch tensor."""
+    if _is_columns(value):
+        columns = [dr.detach(types.Float(c)) for c in value]
+        dr.eval(*columns)
+        return torch.stack([c.torch() for c in columns], dim=-1)
+    array = dr.detach(types.Float(value))
+    dr.eval(array)
+    return array.torch().clone()
+
+
+# ---------------------------------------------------------------- autograd bridge
+
+
+@dataclass
+class _Call:
+    """What one forward pass needs to remember for its backward pass."""
+
+    forward: Callable
+    vjp: Callable | None
+    static: dict
+    types: KernelTypes
+    shapes: list[tuple[int, ...]]
+    saved: Any = None
+
+
+def _as_drjit_inputs(tensors, types: KernelTypes):
+    flats = [types.Float(t.detach().reshape(-1).contiguous()) for t in tensors]
+    return flats, [_split(f, tuple(t.shape)) for f, t in zip(flats, tensors)]
+
+
+def _outputs_tuple(result) -> tuple:
+    """A kernel returns one output or a tuple of outputs."""
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _is_columns(value) -> bool:
+    """An (N, k) output: a list of k arrays or a Dr.Jit k-vector (e.g. Array3f)."""
+    return isinstance(value, list) or (dr.is_array_v(value) and dr.depth_v(value) > 1)
+
+
+class _KernelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: _Call, *tensors):
+        # No dr.suspend_grad here: a kernel may use forward-mode AD internally to build its Jacobian.
+        _, inputs = _as_drjit_inputs(tensors, call.types)
+        if call.vjp is None:
+            outputs = _outputs_tuple(call.forward(*inputs, **call.static))
+        else:
+            result, call.saved = call.forward(*inputs, **call.static)
+            outputs = _outputs_tuple(result)
+        converted = [_join(o, call.types) for o in outputs]
+        ctx.call = call
+        ctx.save_for_backward(*tensors)
+        results = tuple(converted)
+        return results if len(results) > 1 else results[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        call: _Call = ctx.call
+        tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        grads_out = tuple(
+            _split(call.types.Float(g.detach().reshape(-1).contiguous()), tuple(g.shape))
+            for g in grad_outputs
+        )
+        if call.vjp is not None:
+            grads_in = call.vjp(call.saved, grads_out, needs, **call.static)
+        else:
+            grads_in = _reverse_ad(call, tensors, grads_out, needs)
+        result = [None]
+        for g, t, need in zip(grads_in, tensors, needs):
+            result.append(_grad_tensor(g, t) if need and g is not None else None)
+        return tuple(result)
+
+
+def _grad_tensor(g, like: torch.Tensor) -> torch.Tensor:
+    """Gradient (array, tuple of columns, 1-lane broadcast or tensor) -> tensor like ``like``."""
+    if isinstance(g, (tuple, list)):
+        dr.eval(*g)
+        out = torch.stack([c.torch() for c in g], dim=-1)
+    elif isinstance(g, torch.Tensor):
+        out = g
+    else:
+        dr.eval(g)
+        out = g.torch()
+    if out.numel() == 1 and like.numel() != 1:
+        out = out.reshape(()).expand(like.shape)
+    elif like.numel() == 1 and out.numel() != 1:
+        out = out.sum()  # per-lane contributions to a broadcast parameter
+    return out.reshape(like.shape).to(like.dtype).clone()
+
+
+def _reverse_ad(call: _Call, tensors, grads_out, needs):
+    """VJP by re-running the kernel under Dr.Jit reverse-mode AD."""
+    flats, _ = _as_drjit_inputs(tensors, call.types)
+    for flat, need in zip(flats, needs):
+        if need:
+            dr.enable_grad(flat)
+    inputs = [_split(f, tuple(t.shape)) for f, t in zip(flats, tensors)]
+    outputs = _outputs_tuple(call.forward(*inputs, **call.static))
+    for out, grad in zip(outputs, grads_out):
+        if _is_columns(out):
+            for column, column_grad in zip(out, grad):
+                _seed(column, column_grad)
+        else:
+            _seed(out, grad)
+    dr.traverse(dr.ADMode.Backward)
+    grads = [dr.grad(f) if need else None for f, need in zip(flats, needs)]
+    dr.eval(*[g for g in grads if g is not None])
+    return grads
+
+
+def _seed(output, grad) -> None:
+    if dr.grad_enabled(output):
+        dr.set_grad(output, grad)
+        dr.enqueue(dr.ADMode.Backward, output)
+
+
+def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static) -> Callable:
+    """Make a differentiable torch callable from a Dr.Jit kernel.
+
+    Parameters
+    ----------
+    forward:
+        ``forward(*inputs, **static)``. Each input is the Dr.Jit form of one
+        tensor argument (see the module docstring for the layout). Without
+        ``vjp`` it returns an output or a tuple of outputs, each an array
+        (-> tensor ``(N,)``) or a *list* of k arrays / a Dr.Jit k-vector such
+        as ``Array3f`` (-> tensor ``(N, k)``). With ``vjp`` it returns
+        ``(outputs, saved)``.
+    vjp:
+        Optional ``vjp(saved, grad_outputs, needs_input_grad, **static)``;
+        ``grad_outputs`` has one entry per output in the input layout (array,
+        or tuple of column arrays for an (N, k) output). It returns one
+        gradient per input (Dr.Jit array, tuple/list of columns, torch tensor,
+        or None); for a 0-d input a per-lane gradient is summed over lanes. When omitted, Dr.Jit reverse-mode AD supplies it.
+    static:
+        Non-differentiable keyword arguments passed to ``forward``/``vjp``
+        (seeds, step counts, flags). Kernels with randomness must take their
+        seed here so that the backward pass reproduces the forward.
+
+    Returns
+    -------
+    ``apply(*tensors)``: all tensors must be float32 or float64 with one common
+    dtype and device; the result has their dtype and device.
+    """
+
+    def apply(*tensors: torch.Tensor, **more_static):
+        if not tensors:
+            raise ValueError("kernel_function needs at least one tensor input")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"input {i} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() > 2:
+                raise ValueError(f"input {i} must have shape (), (N,) or (N, k), got {tuple(t.shape)}")
+        first = tensors[0]
+        for i, t in enumerate(tensors[1:], start=1):
+            if t.dtype != first.dtype:
+                raise TypeError(f"input {i} has dtype {t.dtype}, input 0 has {first.dtype}")
+            if t.device != first.device:
+                raise ValueError(f"input {i} is on {t.device}, input 0 on {first.device}")
+        call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype),
+                     [tuple(t.shape) for t in tensors])
+        return _KernelFunction.apply(call, *tensors)
+
+    return apply

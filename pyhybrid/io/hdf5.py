@@ -1,0 +1,229 @@
+"""HDF5 event files (h5py; no torch).
+
+Layout (readable with plain h5py; see docs/hdf5_layout.md)::
+
+    /                       attrs: format="pyhybrid-events", format_version, pyhybrid_version,
+                                   units (JSON), parameters (JSON), seed, created (ISO 8601 UTC)
+    /n_events               int64[1]   events committed so far (the only length a reader trusts)
+    /fixed/<name>           dtype[n_rows, *shape]       one row per event
+    /jagged/<name>/offsets  int64[n_rows + 1]           event i owns values[offsets[i]:offsets[i+1]]
+    /jagged/<name>/values   dtype[n_values]             flat values of all events (awkward/uproot style)
+
+Appending is crash-safe: a batch is written and flushed first, and only then is
+``/n_events`` raised and flushed. A writer killed at any point leaves a file whose
+first ``n_events`` events are complete; rows beyond that are ignored by
+:func:`read_events`. The file is opened in SWMR mode so that its on-disk state
+stays consistent between flushes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Mapping
+
+import h5py
+import numpy as np
+
+FORMAT = "pyhybrid-events"
+FORMAT_VERSION = 1
+DEFAULT_UNITS = {"energy": "GeV", "momentum": "GeV", "length": "mm", "time": "ns",
+                 "magnetic_field": "T", "charge": "e"}
+
+
+class LayoutError(ValueError):
+    """An HDF5 file does not follow the pyhybrid event layout."""
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
+
+
+class EventWriter:
+    """Append events in batches to a new HDF5 file.
+
+    Parameters
+    ----------
+    path: output file (overwritten if ``overwrite``; otherwise an existing file is an error).
+    fixed: ``{name: (per_event_shape, dtype)}`` for fixed-size per-event arrays.
+    jagged: ``{name: dtype}`` for variable-length per-event lists.
+    metadata: ``parameters`` (dict), ``seed`` (int), ``units`` (dict) and any
+        other JSON-serialisable entries, stored as file attributes.
+    chunk_events: HDF5 chunk length along the event axis.
+    compression: h5py compression filter ("gzip", "lzf" or None).
+
+    Use as a context manager; each :meth:`append` is durable when it returns.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fixed: Mapping[str, tuple] | None = None,
+                 jagged: Mapping[str, object] | None = None, metadata: Mapping | None = None,
+                 chunk_events: int = 4096, compression: str | None = "gzip",
+                 overwrite: bool = True):
+        fixed = dict(fixed or {})
+        jagged = dict(jagged or {})
+        if not fixed and not jagged:
+            raise ValueError("EventWriter needs at least one fixed or jagged array")
+        overlap = set(fixed) & set(jagged)
+        if overlap:
+            raise ValueError(f"names used for both fixed and jagged arrays: {sorted(overlap)}")
+        if chunk_events < 1:
+            raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+        if not overwrite and os.path.exists(path):
+            raise FileExistsError(f"output file {path} exists")
+        self.path = os.fspath(path)
+        self._fixed_shapes = {name: tuple(shape) for name, (shape, _) in fixed.items()}
+        self._jagged_names = list(jagged)
+        self.n_events = 0
+        self._file = h5py.File(self.path, "w", libver="latest")
+        self._write_metadata(dict(metadata or {}))
+        options = {"compression": compression} if compression else {}
+        self._file.create_dataset("n_events", data=np.zeros(1, np.int64))
+        group = self._file.create_group("fixed")
+        for name, (shape, dtype) in fixed.items():
+            group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                 chunks=(chunk_events, *shape), **options)
+        group = self._file.create_group("jagged")
+        for name, dtype in jagged.items():
+            sub = group.create_group(name)
+            sub.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,),
+                               chunks=(chunk_events,))
+            sub.create_dataset("values", shape=(0,), maxshape=(None,), dtype=dtype,
+                               chunks=(chunk_events * 16,), **options)
+        self._file.swmr_mode = True
+        self._file.flush()
+
+    def _write_metadata(self, metadata: dict) -> None:
+        attrs = self._file.attrs
+        from pyhybrid import __version__
+
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["pyhybrid_version"] = __version__
+        attrs["created"] = datetime.now(timezone.utc).isoformat()
+        attrs["units"] = json.dumps({**DEFAULT_UNITS, **metadata.pop("units", {})})
+        attrs["parameters"] = json.dumps(metadata.pop("parameters", {}), default=_json_default)
+        seed = metadata.pop("seed", None)
+        attrs["seed"] = -1 if seed is None else int(seed)
+        attrs["extra"] = json.dumps(metadata, default=_json_default)
+
+    def append(self, n_events: int, fixed: Mapping[str, np.ndarray] | None = None,
+               jagged: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        """Append ``n_events`` events.
+
+        ``fixed[name]``: array of shape ``(n_events, *shape)``;
+        ``jagged[name]``: ``(counts, values)`` with ``counts`` of shape
+        ``(n_events,)`` (non-negative integers) and ``values`` flat of length ``counts.sum()``.
+        Every declared array must be given.
+        """
+        fixed = dict(fixed or {})
+        jagged = dict(jagged or {})
+        if set(fixed) != set(self._fixed_shapes):
+            raise ValueError(f"fixed arrays must be exactly {sorted(self._fixed_shapes)}, got {sorted(fixed)}")
+        if set(jagged) != set(self._jagged_names):
+            raise ValueError(f"jagged arrays must be exactly {sorted(self._jagged_names)}, got {sorted(jagged)}")
+        for name, values in fixed.items():
+            values = np.asarray(values)
+            want = (n_events, *self._fixed_shapes[name])
+            if values.shape != want:
+                raise ValueError(f"fixed array {name!r} must have shape {want}, got {values.shape}")
+        for name, (counts, values) in jagged.items():
+            counts = np.asarray(counts)
+            if counts.shape != (n_events,) or (counts.size and counts.min() < 0):
+                raise ValueError(f"jagged array {name!r}: counts must be {n_events} non-negative integers")
+            if np.asarray(values).shape != (int(counts.sum()),):
+                raise ValueError(f"jagged array {name!r}: values must be flat with counts.sum() entries")
+
+        start = self.n_events
+        for name, values in fixed.items():
+            dataset = self._file["fixed"][name]
+            dataset.resize(start + n_events, axis=0)
+            dataset[start:] = values
+        for name, (counts, values) in jagged.items():
+            group = self._file["jagged"][name]
+            offsets, flat = group["offsets"], group["values"]
+            first = int(offsets[start])
+            offsets.resize(start + n_events + 1, axis=0)
+            offsets[start + 1:] = first + np.cumsum(counts, dtype=np.int64)
+            flat.resize(first + int(np.sum(counts)), axis=0)
+            flat[first:] = values
+        self._file.flush()
+        # Commit point: readers trust only n_events, raised after the data are on disk.
+        self.n_events = start + n_events
+        self._file["n_events"][0] = self.n_events
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> "EventWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class EventFile:
+    """Contents of a pyhybrid event file (all arrays in memory, numpy)."""
+
+    n_events: int
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)
+    jagged: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    def event_list(self, name: str, index: int) -> np.ndarray:
+        """Values of jagged array ``name`` for event ``index``."""
+        offsets, values = self.jagged[name]
+        return values[offsets[index]:offsets[index + 1]]
+
+
+def read_events(path: str | os.PathLike) -> EventFile:
+    """Read and validate a pyhybrid event file; errors name what is missing or wrong."""
+    try:
+        handle = h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as error:
+        raise LayoutError(f"{path}: not a readable HDF5 file ({error})") from error
+    with handle as f:
+        if f.attrs.get("format") != FORMAT:
+            raise LayoutError(f"{path}: attribute 'format' is {f.attrs.get('format')!r}, expected {FORMAT!r}")
+        for key in ("format_version", "pyhybrid_version", "created", "units", "parameters", "seed"):
+            if key not in f.attrs:
+                raise LayoutError(f"{path}: missing file attribute {key!r}")
+        for key in ("n_events", "fixed", "jagged"):
+            if key not in f:
+                raise LayoutError(f"{path}: missing {'dataset' if key == 'n_events' else 'group'} /{key}")
+        n = int(f["n_events"][0])
+        metadata = {
+            "format_version": int(f.attrs["format_version"]),
+            "pyhybrid_version": str(f.attrs["pyhybrid_version"]),
+            "created": str(f.attrs["created"]),
+            "units": json.loads(f.attrs["units"]),
+            "parameters": json.loads(f.attrs["parameters"]),
+            "seed": None if int(f.attrs["seed"]) < 0 else int(f.attrs["seed"]),
+            **json.loads(f.attrs.get("extra", "{}")),
+        }
+        result = EventFile(n_events=n, metadata=metadata)
+        for name, dataset in f["fixed"].items():
+            if dataset.shape[0] < n:
+                raise LayoutError(f"{path}: /fixed/{name} has {dataset.shape[0]} rows, n_events is {n}")
+            result.fixed[name] = dataset[:n]
+        for name, group in f["jagged"].items():
+            for part in ("offsets", "values"):
+                if part not in group:
+                    raise LayoutError(f"{path}: missing /jagged/{name}/{part}")
+            offsets = group["offsets"]
+            if offsets.shape[0] < n + 1:
+                raise LayoutError(f"{path}: /jagged/{name}/offsets has {offsets.shape[0]} entries, needs {n + 1}")
+            offsets = offsets[: n + 1]
+            if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+                raise LayoutError(f"{path}: /jagged/{name}/offsets must start at 0 and not decrease")
+            if group["values"].shape[0] < offsets[-1]:
+                raise LayoutError(f"{path}: /jagged/{name}/values is shorter than offsets[-1]={offsets[-1]}")
+            result.jagged[name] = (offsets, group["values"][: offsets[-1]])
+    return result

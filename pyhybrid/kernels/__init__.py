@@ -1,0 +1,1 @@
+"""Physics kernels written in Dr.Jit. Nothing in this package imports torch."""

@@ -1,0 +1,144 @@
+"""Dr.Jit array types for one backend and precision (no torch here).
+
+Kernels are written once against a :class:`KernelTypes` namespace and run on
+the LLVM backend (CPU, SIMD over all cores) or the CUDA backend, in float32 or
+float64. Every kernel obtains its types either from the device/precision the
+caller asks for (:func:`kernel_types`) or from an input array
+(:func:`types_of`), so a kernel never hard-codes a backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import drjit as dr
+
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("float32", "float64")
+
+# Dr.Jit 1.5 emits llvm.minimum/maximum, which the x86 backend of LLVM 15 cannot select (the
+# process aborts inside dr.minimum, dr.clip, PCG32 normals), so 16 is the real floor.
+MIN_LLVM_MAJOR = 16
+_LLVM_HINT = (
+    f"Dr.Jit's CPU backend needs libLLVM >= {MIN_LLVM_MAJOR} (on Debian 12: "
+    "`apt-get install libllvm19`; or set DRJIT_LIBLLVM_PATH=/path/to/libLLVM.so.19.1)."
+)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested Dr.Jit backend cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class KernelTypes:
+    """Dr.Jit types of one backend (``device``) and floating precision.
+
+    ``Float`` is the differentiable floating type of the chosen precision;
+    ``Array3`` is a 3-vector of ``Float``; ``PCG32`` the per-lane random
+    generator; ``UInt32``/``Int32``/``Bool`` the matching integer and mask types.
+    """
+
+    device: str
+    precision: str
+    module: ModuleType
+    Float: type
+    Array3: type
+    UInt32: type
+    Int32: type
+    Bool: type
+    PCG32: type
+
+    @property
+    def is_double(self) -> bool:
+        return self.precision == "float64"
+
+    def uniform(self, rng) -> "object":
+        """Next uniform number in [0, 1) from ``rng`` in this precision."""
+        return rng.next_float64() if self.is_double else rng.next_float32()
+
+    def normal(self, rng) -> "object":
+        """Next standard-normal number from ``rng`` in this precision."""
+        return rng.next_float64_normal() if self.is_double else rng.next_float32_normal()
+
+    def rng(self, n: int, seed: int, stream: int = 0):
+        """One PCG32 generator per lane, seeded from (seed, lane index).
+
+        Lanes are independent streams; the same (n, seed, stream) reproduces
+        the same numbers on the CPU backend.
+        """
+        if n <= 0:
+            raise ValueError(f"n must be positive, got {n}")
+        lane = dr.arange(self.UInt32, n)
+        return self.PCG32(size=n, initstate=self.UInt32(seed & 0xFFFFFFFF) + lane * 0x9E3779B9,
+                          initseq=self.UInt32((seed >> 32) & 0xFFFFFFFF) + self.UInt32(stream) * 2 + lane)
+
+
+def llvm_version() -> tuple[int, int, int] | None:
+    """Version of the libLLVM Dr.Jit loaded, or None when none was found."""
+    if not dr.has_backend(dr.JitBackend.LLVM):
+        return None
+    return tuple(dr.detail.llvm_version())
+
+
+def cuda_available() -> bool:
+    """True when Dr.Jit can run on a CUDA GPU."""
+    return bool(dr.has_backend(dr.JitBackend.CUDA))
+
+
+def check_device(device: str) -> None:
+    """Raise a clear error if ``device`` is unknown or its backend is missing."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        version = llvm_version()
+        if version is None:
+            raise BackendUnavailable("device='cpu' is unavailable: no libLLVM found. " + _LLVM_HINT)
+        if version[0] < MIN_LLVM_MAJOR:
+            raise BackendUnavailable(
+                f"device='cpu' is unavailable: Dr.Jit loaded libLLVM {'.'.join(map(str, version))}. " + _LLVM_HINT)
+    if device == "cuda" and not cuda_available():
+        raise BackendUnavailable(
+            "device='cuda' is unavailable: Dr.Jit found no CUDA driver/GPU on this machine."
+        )
+
+
+def kernel_types(device: str = "cpu", precision: str = "float32") -> KernelTypes:
+    """Types for ``device`` ('cpu' -> drjit.llvm.ad, 'cuda' -> drjit.cuda.ad)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_device(device)
+    if device == "cpu":
+        import drjit.llvm.ad as module
+    else:
+        import drjit.cuda.ad as module
+    double = precision == "float64"
+    return KernelTypes(
+        device=device,
+        precision=precision,
+        module=module,
+        Float=module.Float64 if double else module.Float,
+        Array3=module.Array3f64 if double else module.Array3f,
+        UInt32=module.UInt32,
+        Int32=module.Int32,
+        Bool=module.Bool,
+        PCG32=module.PCG32,
+    )
+
+
+def types_of(array) -> KernelTypes:
+    """The :class:`KernelTypes` matching a Dr.Jit floating array (or 3-vector)."""
+    leaf = array
+    while dr.depth_v(leaf) > 1:
+        leaf = leaf[0]
+    backend = dr.backend_v(leaf)
+    device = {dr.JitBackend.LLVM: "cpu", dr.JitBackend.CUDA: "cuda"}.get(backend)
+    if device is None:
+        raise TypeError(f"expected a Dr.Jit LLVM or CUDA array, got {type(array).__name__}")
+    vtype = dr.type_v(leaf)
+    if vtype == dr.VarType.Float64:
+        precision = "float64"
+    elif vtype == dr.VarType.Float32:
+        precision = "float32"
+    else:
+        raise TypeError(f"expected a float32/float64 Dr.Jit array, got {vtype}")
+    return kernel_types(device, precision)

@@ -1,0 +1,115 @@
+"""HDF5 event layout: round trip, validation, and crash safety of the writer."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from pyhybrid.io import EventWriter, LayoutError, read_events
+
+FIXED = {"momentum": ((4,), "f8"), "weight": ((), "f4")}
+JAGGED = {"pdg": "i4", "energy": "f8"}
+
+
+def _batch(rng, n):
+    counts = rng.integers(0, 6, size=n)
+    total = int(counts.sum())
+    return (
+        {"momentum": rng.normal(size=(n, 4)), "weight": rng.random(n).astype("f4")},
+        {"pdg": (counts, rng.integers(-6, 22, size=total).astype("i4")), "energy": (counts, rng.random(total))},
+    )
+
+
+def test_round_trip_with_metadata(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "events.h5"
+    batches = [_batch(rng, n) for n in (5, 0, 7)]
+    with EventWriter(path, fixed=FIXED, jagged=JAGGED, chunk_events=4,
+                     metadata={"seed": 42, "parameters": {"alpha_s": 0.118}, "kernel": "test"}) as writer:
+        for fixed, jagged in batches:
+            writer.append(len(fixed["weight"]), fixed, jagged)
+    events = read_events(path)
+    assert events.n_events == 12
+    np.testing.assert_array_equal(events.fixed["momentum"], np.concatenate([b[0]["momentum"] for b in batches]))
+    counts = np.concatenate([b[1]["pdg"][0] for b in batches])
+    offsets, values = events.jagged["pdg"]
+    np.testing.assert_array_equal(np.diff(offsets), counts)
+    np.testing.assert_array_equal(values, np.concatenate([b[1]["pdg"][1] for b in batches]))
+    np.testing.assert_array_equal(events.event_list("energy", 5), batches[2][1]["energy"][1][: counts[5]])
+    meta = events.metadata
+    assert meta["seed"] == 42 and meta["parameters"] == {"alpha_s": 0.118} and meta["kernel"] == "test"
+    assert meta["units"]["length"] == "mm" and meta["pyhybrid_version"]
+    with h5py.File(path) as f:  # plain h5py users see the documented layout
+        assert f["fixed/momentum"].compression == "gzip"
+        assert json.loads(f.attrs["units"])["energy"] == "GeV"
+
+
+def test_append_rejects_wrong_shapes(tmp_path):
+    rng = np.random.default_rng(2)
+    with EventWriter(tmp_path / "x.h5", fixed=FIXED, jagged=JAGGED) as writer:
+        fixed, jagged = _batch(rng, 3)
+        with pytest.raises(ValueError, match="'momentum' must have shape \\(4, 4\\)"):
+            writer.append(4, fixed, jagged)
+        with pytest.raises(ValueError, match="fixed arrays must be exactly"):
+            writer.append(3, {"momentum": fixed["momentum"]}, jagged)
+        bad = {**jagged, "pdg": (jagged["pdg"][0], jagged["pdg"][1][:-1])}
+        if jagged["pdg"][1].size:
+            with pytest.raises(ValueError, match="'pdg': values must be flat"):
+                writer.append(3, fixed, bad)
+
+
+def test_reader_names_layout_errors(tmp_path):
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(LayoutError, match="attribute 'format'"):
+        read_events(path)
+    with EventWriter(path, fixed=FIXED, jagged=JAGGED) as writer:
+        writer.append(2, *_batch(np.random.default_rng(3), 2))
+    with h5py.File(path, "a") as f:
+        del f["jagged/pdg/offsets"]
+    with pytest.raises(LayoutError, match="missing /jagged/pdg/offsets"):
+        read_events(path)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(LayoutError, match="not a readable HDF5 file"):
+        read_events(tmp_path / "text.h5")
+
+
+WRITER_SCRIPT = """
+import sys, time
+import numpy as np
+from pyhybrid.io import EventWriter
+rng = np.random.default_rng(0)
+with EventWriter(sys.argv[1], fixed={"x": ((3,), "f8")}, jagged={"e": "f8"}, chunk_events=8) as w:
+    batch = 0
+    while True:
+        counts = np.full(10, 2)
+        w.append(10, {"x": np.full((10, 3), float(batch))}, {"e": (counts, np.full(20, float(batch)))})
+        print(batch, flush=True)
+        batch += 1
+        time.sleep(0.001 * (batch % 3))  # the kill lands while writing as often as not
+"""
+
+
+def test_killed_writer_keeps_finished_batches(tmp_path):
+    path = tmp_path / "killed.h5"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(path)], stdout=subprocess.PIPE, text=True)
+    finished = -1
+    deadline = time.time() + 60
+    while finished < 5 and time.time() < deadline:
+        finished = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)  # no clean-up, no close: as a crash or a scheduler kill
+    proc.wait()
+    assert finished >= 5
+    events = read_events(path)
+    assert events.n_events >= 10 * (finished + 1)
+    assert events.n_events % 10 == 0
+    batches = events.fixed["x"][:, 0]
+    np.testing.assert_array_equal(batches, np.repeat(np.arange(events.n_events // 10), 10))
+    offsets, values = events.jagged["e"]
+    np.testing.assert_array_equal(values, np.repeat(np.arange(events.n_events // 10), 20))

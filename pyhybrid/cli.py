@@ -33,7 +33,8 @@ class _LazyRunGroup(click.Group):
         return importlib.import_module(f"pyhybrid.commands.{name}").command
 
     def format_commands(self, ctx, formatter):
-        formatter.write_dl([(name, RUN_COMMANDS[name]) for name in sorted(RUN_COMMANDS)], col_max=14)
+        with formatter.section("Kernels"):
+            formatter.write_dl([(name, RUN_COMMANDS[name]) for name in sorted(RUN_COMMANDS)])
 
 
 @click.group()

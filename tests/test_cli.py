@@ -1,0 +1,52 @@
+"""The pyhybrid command line: info, run (lazy kernels), bench (JSON + PNG)."""
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from pyhybrid.bench import harness
+from pyhybrid.cli import RUN_COMMANDS, main
+
+
+def test_info_reports_versions_and_backends():
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    for key in ("drjit", "libLLVM (cpu backend)", "CUDA (cuda backend)", "cpu threads (Dr.Jit)", "torch"):
+        assert key in result.output
+
+
+def test_every_run_kernel_has_a_command():
+    runner = CliRunner()
+    for name in RUN_COMMANDS:
+        result = runner.invoke(main, ["run", name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+        for option in ("--device", "--seed", "--output"):
+            assert option in result.output, (name, option)
+
+
+def test_run_commands_do_not_import_torch():
+    code = ("import sys, importlib\n"
+            f"for name in {sorted(RUN_COMMANDS)!r}:\n"
+            "    importlib.import_module('pyhybrid.commands.' + name)\n"
+            "assert 'torch' not in sys.modules, 'a standalone run command imported torch'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_writes_json_and_png(tmp_path):
+    cases = harness.load_cases()
+    assert cases, "no benchmark cases registered"
+    name = min(cases, key=lambda n: cases[n].work)
+    result = CliRunner().invoke(main, ["bench", "--case", name, "--repeats", "1", "--threads", "1",
+                                       "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    backends = {row["backend"] for row in data["rows"]}
+    assert "drjit" in backends
+    assert all(row["rate"] > 0 and row["peak_rss_mb"] > 0 for row in data["rows"])
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_rejects_unknown_case():
+    result = CliRunner().invoke(main, ["bench", "--case", "no-such-case"])
+    assert result.exit_code != 0 and "unknown case" in result.output

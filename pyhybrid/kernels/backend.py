@@ -69,8 +69,9 @@ class KernelTypes:
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         lane = dr.arange(self.UInt32, n)
-        return self.PCG32(size=n, initstate=self.UInt32(seed & 0xFFFFFFFF) + lane * 0x9E3779B9,
-                          initseq=self.UInt32((seed >> 32) & 0xFFFFFFFF) + self.UInt32(stream) * 2 + lane)
+        # Opaque seeds: a literal would be baked into the kernel, recompiling it for every new seed.
+        return self.PCG32(size=n, initstate=dr.opaque(self.UInt32, seed & 0xFFFFFFFF) + lane * 0x9E3779B9,
+                          initseq=dr.opaque(self.UInt32, (seed >> 32) & 0xFFFFFFFF) + self.UInt32(stream) * 2 + lane)
 
 
 def llvm_version() -> tuple[int, int, int] | None:

@@ -1,0 +1,170 @@
+"""Forward-mode derivatives with several tangent directions at once (multi-dual numbers).
+
+A :class:`Dual` holds a value (a Dr.Jit array or a Python float) and one
+tangent per differentiation *column*: ``tangents[j] = d value / d column_j``.
+Arithmetic and the functions below propagate all columns together, so one
+pass of generic code gives a value and its full Jacobian row -- the forward
+mode ACTS uses for its transport Jacobian, with several columns per lane.
+
+A tangent of ``None`` is a structural zero: it costs nothing, which keeps the
+many columns that a given quantity does not depend on (e.g. the material
+thickness before a layer is crossed) out of the generated kernel.
+
+All helpers accept plain values as well, so code written once with them runs
+on plain Dr.Jit arrays (values only) or on Duals (values and derivatives).
+No torch here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import drjit as dr
+
+__all__ = ["Dual", "value", "tangent", "sqrt", "exp", "log", "atan2", "select", "absolute", "dot", "cross",
+           "normalized"]
+
+
+def _scale(t, factor):
+    return None if t is None else t * factor
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class Dual:
+    """Value with forward-mode tangents ``d value / d column_j`` (None = zero)."""
+
+    __slots__ = ("value", "tangents")
+
+    def __init__(self, value, tangents: Sequence):
+        self.value = value
+        self.tangents = list(tangents)
+
+    @classmethod
+    def variable(cls, value, column: int, n_columns: int) -> "Dual":
+        """An independent variable: tangent 1 in ``column``."""
+        tangents = [None] * n_columns
+        tangents[column] = 1.0
+        return cls(value, tangents)
+
+    @classmethod
+    def constant(cls, value, n_columns: int) -> "Dual":
+        return cls(value, [None] * n_columns)
+
+    def __add__(self, other):
+        if isinstance(other, Dual):
+            return Dual(self.value + other.value, [_add(a, b) for a, b in zip(self.tangents, other.tangents)])
+        return Dual(self.value + other, self.tangents)
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Dual(-self.value, [_scale(t, -1.0) for t in self.tangents])
+
+    def __sub__(self, other):
+        return self + (-other)
+
+    def __rsub__(self, other):
+        return (-self) + other
+
+    def __mul__(self, other):
+        if isinstance(other, Dual):
+            return Dual(self.value * other.value,
+                        [_add(_scale(a, other.value), _scale(b, self.value))
+                         for a, b in zip(self.tangents, other.tangents)])
+        return Dual(self.value * other, [_scale(t, other) for t in self.tangents])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        if isinstance(other, Dual):
+            inverse = 1.0 / other.value
+            quotient = self.value * inverse
+            return Dual(quotient, [_scale(_add(a, _scale(b, -quotient)), inverse)
+                                   for a, b in zip(self.tangents, other.tangents)])
+        return self * (1.0 / other)
+
+    def __rtruediv__(self, other):
+        inverse = 1.0 / self.value
+        quotient = other * inverse
+        factor = -quotient * inverse
+        return Dual(quotient, [_scale(t, factor) for t in self.tangents])
+
+
+def value(x):
+    """The value of a Dual, or ``x`` itself."""
+    return x.value if isinstance(x, Dual) else x
+
+
+def tangent(x, column: int):
+    """``d x / d column`` (None when structurally zero or ``x`` is not a Dual)."""
+    return x.tangents[column] if isinstance(x, Dual) else None
+
+
+def _chain(x: Dual, result, derivative) -> Dual:
+    return Dual(result, [_scale(t, derivative) for t in x.tangents])
+
+
+def sqrt(x):
+    if isinstance(x, Dual):
+        root = dr.sqrt(x.value)
+        return _chain(x, root, 0.5 / root)
+    return dr.sqrt(x)
+
+
+def exp(x):
+    if isinstance(x, Dual):
+        result = dr.exp(x.value)
+        return _chain(x, result, result)
+    return dr.exp(x)
+
+
+def log(x):
+    if isinstance(x, Dual):
+        return _chain(x, dr.log(x.value), 1.0 / x.value)
+    return dr.log(x)
+
+
+def atan2(y, x):
+    if not isinstance(y, Dual) and not isinstance(x, Dual):
+        return dr.atan2(y, x)
+    yv, xv = value(y), value(x)
+    inverse = 1.0 / (xv * xv + yv * yv)
+    n = len((y if isinstance(y, Dual) else x).tangents)
+    ty = y.tangents if isinstance(y, Dual) else [None] * n
+    tx = x.tangents if isinstance(x, Dual) else [None] * n
+    return Dual(dr.atan2(yv, xv), [_add(_scale(a, xv * inverse), _scale(b, -yv * inverse)) for a, b in zip(ty, tx)])
+
+
+def select(mask, a, b):
+    """Lane-wise ``a if mask else b``; a NaN in the branch not taken does not leak."""
+    if not isinstance(a, Dual) and not isinstance(b, Dual):
+        return dr.select(mask, a, b)
+    n = len((a if isinstance(a, Dual) else b).tangents)
+    ta = a.tangents if isinstance(a, Dual) else [None] * n
+    tb = b.tangents if isinstance(b, Dual) else [None] * n
+    tangents = [None if (p is None and q is None) else dr.select(mask, 0.0 if p is None else p, 0.0 if q is None else q)
+                for p, q in zip(ta, tb)]
+    return Dual(dr.select(mask, value(a), value(b)), tangents)
+
+
+def absolute(x):
+    return x * dr.select(value(x) < 0, -1.0, 1.0)
+
+
+def dot(a, b):
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def cross(a, b):
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def normalized(v):
+    inverse = 1.0 / sqrt(dot(v, v))
+    return (v[0] * inverse, v[1] * inverse, v[2] * inverse)

@@ -1,0 +1,221 @@
+"""Magnetic fields for track propagation (Dr.Jit; no torch).
+
+Units: positions in mm, fields in Tesla. Every field evaluates B at a batch of
+points (a 3-tuple of arrays, one lane per point) and, for the transport
+Jacobian, also the field gradient ``dB_i/dx_j`` and the derivatives of B with
+respect to its own parameters (the field's differentiable "global" parameters).
+Structural zeros are ``None`` so that the Jacobian code skips them.
+
+Fields
+------
+* :class:`UniformField` -- parameters (bx, by, bz) [T].
+* :class:`SolenoidField` -- finite solenoid (current sheet of radius R and
+  half-length L) in the paraxial expansion, with its fringe field; parameters
+  (b0 [T] = field at the centre, radius R [mm], half_length L [mm]).
+* :class:`GridField` -- 3D regular Cartesian grid with trilinear interpolation;
+  parameter (scale,) multiplying the map. Zero field outside the grid.
+
+Parameters are Dr.Jit arrays of width 1 (broadcast to all lanes) or Python floats.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import drjit as dr
+
+__all__ = ["UniformField", "SolenoidField", "GridField", "FIELD_KINDS"]
+
+
+class UniformField:
+    """B = (bx, by, bz) everywhere [T]."""
+
+    names = ("bx", "by", "bz")
+
+    def __init__(self, bx, by, bz):
+        self.b = (bx, by, bz)
+
+    def evaluate(self, r):
+        zero = 0.0 * r[0]
+        return tuple(b + zero for b in self.b)
+
+    def evaluate_with_derivatives(self, r):
+        gradient = ((None,) * 3,) * 3
+        parameter_derivatives = ((1.0, None, None), (None, 1.0, None), (None, None, 1.0))
+        return self.evaluate(r), gradient, parameter_derivatives
+
+
+class SolenoidField:
+    """Field of a finite solenoid with fringe field (paraxial expansion).
+
+    On the axis, a current sheet of radius R from z = -L to z = +L gives
+    b(z) = B0 [u(z + L) - u(z - L)] / [u(L) - u(-L)] with u(zeta) = zeta / sqrt(zeta^2 + R^2),
+    normalised so that b(0) = B0. Off the axis we use the expansion in the
+    distance rho from the axis that keeps the field exactly curl-free:
+
+        B_z = b(z) - rho^2 / 4 b''(z),      B_rho = -rho / 2 b'(z),
+
+    its divergence is -rho^2 / 4 b'''(z) (small where rho << R; e.g. a tracker
+    inside the coil). The field decays outside |z| > L: that is the fringe field.
+    """
+
+    names = ("b0", "radius", "half_length")
+
+    def __init__(self, b0, radius, half_length):
+        self.b0 = b0
+        self.radius = radius
+        self.half_length = half_length
+
+    def _u(self, zeta, order: int):
+        """[u^(n)(zeta) for n = 0..order] (zeta-derivatives of zeta / sqrt(zeta^2 + R^2)) and 1 / sqrt(zeta^2 + R^2)."""
+        r2 = self.radius * self.radius
+        inv = dr.rsqrt(zeta * zeta + r2)
+        inv2 = inv * inv
+        inv3 = inv * inv2
+        u = [zeta * inv, r2 * inv3, -3.0 * r2 * zeta * inv3 * inv2]
+        if order >= 3:
+            u.append(3.0 * r2 * (4.0 * zeta * zeta - r2) * inv3 * inv2 * inv2)
+        return u, inv
+
+    def _axis_normalisation(self):
+        """1 / (u(L) - u(-L)) = sqrt(L^2 + R^2) / (2 L)."""
+        return dr.sqrt(self.half_length * self.half_length + self.radius * self.radius) / (2.0 * self.half_length)
+
+    def _assemble(self, r, b, b1, b2):
+        x, y, _ = r
+        rho2 = x * x + y * y
+        return (-0.5 * x * b1, -0.5 * y * b1, b - 0.25 * rho2 * b2)
+
+    def evaluate(self, r):
+        z = r[2]
+        plus, _ = self._u(z + self.half_length, 2)
+        minus, _ = self._u(z - self.half_length, 2)
+        scale = self.b0 * self._axis_normalisation()
+        b = [scale * (p - m) for p, m in zip(plus, minus)]
+        return self._assemble(r, *b)
+
+    def evaluate_with_derivatives(self, r):
+        x, y, z = r
+        radius, length = self.radius, self.half_length
+        zp, zm = z + length, z - length
+        plus, inv_p = self._u(zp, 3)
+        minus, inv_m = self._u(zm, 3)
+        norm = self._axis_normalisation()
+        f = [p - m for p, m in zip(plus, minus)]                       # f, f', f'', f'''
+        unit = [norm * fi for fi in f]                                # b^(n) / b0
+        b = [self.b0 * ui for ui in unit]
+        field = self._assemble(r, b[0], b[1], b[2])
+
+        rho2 = x * x + y * y
+        half_b1 = -0.5 * b[1]
+        gradient = ((half_b1, None, -0.5 * x * b[2]),
+                    (None, half_b1, -0.5 * y * b[2]),
+                    (-0.5 * x * b[2], -0.5 * y * b[2], b[1] - 0.25 * rho2 * b[3]))
+
+        # d f^(n) / dL = u^(n+1)(z+L) + u^(n+1)(z-L); d/dL of 1/norm = 2 R^2 / (L^2 + R^2)^(3/2)
+        d_len2 = length * length + radius * radius
+        inv_norm_dlen = 2.0 * radius * radius * dr.rsqrt(d_len2) / d_len2      # d(1/norm)/dL
+        inv_norm_drad = -2.0 * length * radius * dr.rsqrt(d_len2) / d_len2    # d(1/norm)/dR
+        df_dlen = [plus[n + 1] + minus[n + 1] for n in range(3)]
+        df_drad = [self._du_dradius(zp, inv_p, n) - self._du_dradius(zm, inv_m, n) for n in range(3)]
+        # b^(n) = b0 f^(n) norm  ->  d b^(n) = b0 norm (d f^(n) - f^(n) norm d(1/norm))
+        db_dlen = [self.b0 * norm * (df_dlen[n] - f[n] * norm * inv_norm_dlen) for n in range(3)]
+        db_drad = [self.b0 * norm * (df_drad[n] - f[n] * norm * inv_norm_drad) for n in range(3)]
+        parameter_derivatives = (self._assemble(r, *unit[:3]),
+                                 self._assemble(r, *db_drad),
+                                 self._assemble(r, *db_dlen))
+        return field, gradient, parameter_derivatives
+
+    def _du_dradius(self, zeta, inv, order: int):
+        """d u^(order) / dR at fixed zeta (order 0, 1, 2); inv = 1 / sqrt(zeta^2 + R^2)."""
+        radius = self.radius
+        inv2 = inv * inv
+        inv3 = inv * inv2
+        if order == 0:
+            return -zeta * radius * inv3
+        if order == 1:
+            return radius * (2.0 * zeta * zeta - radius * radius) * inv3 * inv2
+        return 3.0 * radius * zeta * (3.0 * radius * radius - 2.0 * zeta * zeta) * inv3 * inv2 * inv2
+
+
+class GridField:
+    """Field map on a regular Cartesian grid, trilinearly interpolated, times ``scale``.
+
+    values: ``(bx, by, bz)``, flat Dr.Jit arrays of ``nx*ny*nz`` nodes, node
+    ``(i, j, k)`` at index ``(i*ny + j)*nz + k`` and position ``origin + (i, j, k)*spacing``.
+    The interpolation is differentiable with respect to the node values (Dr.Jit AD
+    through the gathers) and the query point; outside the grid B = 0.
+    """
+
+    names = ("scale",)
+
+    def __init__(self, values: Sequence, shape: Sequence[int], origin: Sequence[float],
+                 spacing: Sequence[float], scale=1.0):
+        if len(shape) != 3 or min(shape) < 2:
+            raise ValueError(f"grid shape must be three sizes >= 2, got {tuple(shape)}")
+        if min(spacing) <= 0:
+            raise ValueError(f"grid spacing must be positive, got {tuple(spacing)}")
+        self.values = tuple(values)
+        self.shape = tuple(int(n) for n in shape)
+        self.origin = tuple(float(o) for o in origin)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.scale = scale
+
+    def _cell(self, r):
+        """Lower corner index, fractions in the cell, and the inside mask."""
+        Float = type(r[0] + 0.0 * r[1])
+        Int = dr.int32_array_t(Float)
+        index, fraction, inside = [], [], True
+        for axis in range(3):
+            u = (r[axis] - self.origin[axis]) / self.spacing[axis]
+            inside = inside & (u >= 0) & (u <= self.shape[axis] - 1)
+            i = dr.clip(Int(dr.floor(u)), 0, self.shape[axis] - 2)
+            index.append(i)
+            fraction.append(u - Float(i))
+        return index, fraction, inside
+
+    def _corners(self, index):
+        ny, nz = self.shape[1], self.shape[2]
+        UInt = dr.uint32_array_t(type(self.values[0]))
+        base = UInt((index[0] * ny + index[1]) * nz + index[2])
+        corners = {}
+        for di in (0, 1):
+            for dj in (0, 1):
+                for dk in (0, 1):
+                    offset = (di * ny + dj) * nz + dk
+                    corners[di, dj, dk] = [dr.gather(type(v), v, base + offset) for v in self.values]
+        return corners
+
+    def _interpolate(self, r, derivatives: bool):
+        index, (tx, ty, tz), inside = self._cell(r)
+        corners = self._corners(index)
+        weights_x, weights_y, weights_z = (1.0 - tx, tx), (1.0 - ty, ty), (1.0 - tz, tz)
+        slopes = [(-1.0 / s, 1.0 / s) for s in self.spacing]
+        field = [0.0, 0.0, 0.0]
+        gradient = [[0.0] * 3 for _ in range(3)]
+        for (di, dj, dk), value in corners.items():
+            w = weights_x[di] * weights_y[dj] * weights_z[dk]
+            dw = (slopes[0][di] * weights_y[dj] * weights_z[dk],
+                  weights_x[di] * slopes[1][dj] * weights_z[dk],
+                  weights_x[di] * weights_y[dj] * slopes[2][dk])
+            for c in range(3):
+                field[c] = field[c] + w * value[c]
+                if derivatives:
+                    for axis in range(3):
+                        gradient[c][axis] = gradient[c][axis] + dw[axis] * value[c]
+        field = tuple(dr.select(inside, f, 0.0) for f in field)
+        gradient = tuple(tuple(dr.select(inside, g, 0.0) for g in row) for row in gradient)
+        return field, gradient
+
+    def evaluate(self, r):
+        field, _ = self._interpolate(r, derivatives=False)
+        return tuple(self.scale * b for b in field)
+
+    def evaluate_with_derivatives(self, r):
+        unscaled, gradient = self._interpolate(r, derivatives=True)
+        field = tuple(self.scale * b for b in unscaled)
+        gradient = tuple(tuple(self.scale * g for g in row) for row in gradient)
+        return field, gradient, (unscaled,)
+
+
+#: Field kinds by name with their parameter names (the differentiable global parameters).
+FIELD_KINDS = {"uniform": UniformField, "solenoid": SolenoidField, "grid": GridField}

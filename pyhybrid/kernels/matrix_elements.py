@@ -1,0 +1,228 @@
+"""Leading-order squared matrix elements (Dr.Jit, no torch).
+
+All functions return |M|^2 summed over final-state spins and colours and
+averaged over initial ones (dimensionless for 2 -> 2, GeV^-2 for 2 -> 3), one
+lane per event, as differentiable Dr.Jit expressions of the momenta and of the
+:class:`~pyhybrid.kernels.electroweak.SMParameters` (mZ, GammaZ, alpha,
+sin^2 thetaW, alpha_s, m_top).
+
+Momenta are :class:`~pyhybrid.kernels.lorentz.FourVector` objects [GeV] in the
+order of :attr:`Process.particles`: the two incoming particles first
+(particle 1 is the e-, quark or first gluon), then the outgoing ones.
+Incoming particles are massless; invariants are s_ij = 2 p_i.p_j.
+
+Processes (see :data:`PROCESSES`)
+---------------------------------
+``ee_mumu``  e- e+ -> mu- mu+          gamma/Z, full interference, massless muons
+``ee_qq``    e- e+ -> q qbar           one of d u s c b, or ``all`` (sum of the five); N_c = 3
+``ee_qqg``   e- e+ -> q qbar g         gamma/Z at O(alpha_s), massless quarks
+``qq_tt``    q qbar -> t tbar          s-channel gluon (Combridge 1979; ESW eq. 10.12)
+``gg_tt``    g g -> t tbar             s, t, u channels (Combridge 1979; ESW eq. 10.12)
+
+e+e- -> f fbar is written with chiral amplitudes (i, j = L, R for e-, f):
+A_ij(s) = e^2 [Q_e Q_f / s + g_i^e g_j^f / (s - mZ^2 + i mZ GammaZ)],
+<|M|^2> = N_c [(|A_LL|^2 + |A_RR|^2) u^2 + (|A_LR|^2 + |A_RL|^2) t^2].
+The gluon-emission matrix element keeps the same chiral structure:
+<|M|^2> = 2 g_s^2 C_F N_c s [(|A_LL|^2 + |A_RR|^2)(s14^2 + s23^2)
+                           + (|A_LR|^2 + |A_RL|^2)(s13^2 + s24^2)] / (s35 s45),
+with 1 = e-, 2 = e+, 3 = q, 4 = qbar, 5 = g. It reduces to the textbook
+(x1^2 + x2^2) / ((1 - x1)(1 - x2)) after integration over the event orientation
+and factorises into eikonal factor x e+e- -> q qbar in the soft limit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from pyhybrid.kernels.electroweak import FERMIONS, QUARKS, Fermion, SMParameters, fermion, z_couplings
+from pyhybrid.kernels.lorentz import FourVector
+
+__all__ = ["GEV2_TO_PB", "CF", "NC", "Process", "PROCESSES", "get_process", "squared_matrix_element",
+           "ee_to_ffbar", "ee_to_qqbarg", "qqbar_to_ttbar", "gg_to_ttbar", "gg_to_ttbar_colour_weights",
+           "chiral_sums"]
+
+#: 1 GeV^-2 in picobarn (hbar c)^2.
+GEV2_TO_PB = 0.3893793721e9
+NC = 3.0
+CF = 4.0 / 3.0
+_ELECTRON = FERMIONS["e"]
+
+
+def chiral_sums(s, params: SMParameters, f: Fermion):
+    """(|A_LL|^2 + |A_RR|^2, |A_LR|^2 + |A_RL|^2) of e- e+ -> f fbar at invariant mass^2 ``s`` [GeV^-4]."""
+    e2 = 4.0 * math.pi * params.alpha
+    mz2 = params.mz * params.mz
+    mz_gamma = params.mz * params.gamma_z
+    inverse_denominator = 1.0 / ((s - mz2) * (s - mz2) + mz_gamma * mz_gamma)
+    re_z = (s - mz2) * inverse_denominator
+    im_z = -mz_gamma * inverse_denominator
+    photon = _ELECTRON.charge * f.charge / s
+    gl_e, gr_e = z_couplings(_ELECTRON, params.sin2_theta_w)
+    gl_f, gr_f = z_couplings(f, params.sin2_theta_w)
+
+    def squared(g_e, g_f):
+        coupling = g_e * g_f
+        re = photon + coupling * re_z
+        im = coupling * im_z
+        return e2 * e2 * (re * re + im * im)
+
+    same = squared(gl_e, gl_f) + squared(gr_e, gr_f)
+    opposite = squared(gl_e, gr_f) + squared(gr_e, gl_f)
+    return same, opposite
+
+
+def _flavours(flavour: str) -> list[tuple[Fermion, int]]:
+    """(fermion, multiplicity) pairs; 'all' groups the massless quarks with equal couplings (d s b, u c)."""
+    if flavour != "all":
+        return [(fermion(flavour), 1)]
+    groups: dict[tuple[float, float], list] = {}
+    for q in QUARKS:
+        f = fermion(q)
+        groups.setdefault((f.charge, f.isospin), [f, 0])[1] += 1
+    return [(f, count) for f, count in groups.values()]
+
+
+def ee_to_ffbar(p: Sequence[FourVector], params: SMParameters, flavour: str = "mu"):
+    """<|M|^2> of e-(p1) e+(p2) -> f(p3) fbar(p4), gamma + Z; ``flavour`` 'mu', a quark or 'all' quarks."""
+    s = 2.0 * p[0].dot(p[1])
+    t = -2.0 * p[0].dot(p[2])
+    u = -2.0 * p[0].dot(p[3])
+    result = 0.0
+    for f, multiplicity in _flavours(flavour):
+        same, opposite = chiral_sums(s, params, f)
+        result = result + (multiplicity * f.colours) * (same * u * u + opposite * t * t)
+    return result
+
+
+def ee_to_qqbarg(p: Sequence[FourVector], params: SMParameters, flavour: str = "all"):
+    """<|M|^2> [GeV^-2] of e-(p1) e+(p2) -> q(p3) qbar(p4) g(p5) at O(alpha_s), gamma + Z."""
+    s12 = 2.0 * p[0].dot(p[1])
+    s13, s14 = 2.0 * p[0].dot(p[2]), 2.0 * p[0].dot(p[3])
+    s23, s24 = 2.0 * p[1].dot(p[2]), 2.0 * p[1].dot(p[3])
+    s35, s45 = 2.0 * p[2].dot(p[4]), 2.0 * p[3].dot(p[4])
+    gs2 = 4.0 * math.pi * params.alpha_s
+    eikonal = 2.0 * gs2 * CF * s12 / (s35 * s45)
+    result = 0.0
+    same_pairs, opposite_pairs = s14 * s14 + s23 * s23, s13 * s13 + s24 * s24
+    for f, multiplicity in _flavours(flavour):
+        same, opposite = chiral_sums(s12, params, f)
+        result = result + (multiplicity * f.colours) * (same * same_pairs + opposite * opposite_pairs)
+    return eikonal * result
+
+
+def _top_invariants(p: Sequence[FourVector], params: SMParameters):
+    """tau1 = 2 p1.p3 / s, tau2 = 2 p2.p3 / s, rho = 4 m_t^2 / s (ESW notation)."""
+    s = 2.0 * p[0].dot(p[1])
+    tau1 = 2.0 * p[0].dot(p[2]) / s
+    tau2 = 2.0 * p[1].dot(p[2]) / s
+    rho = 4.0 * params.top_mass * params.top_mass / s
+    return tau1, tau2, rho
+
+
+def qqbar_to_ttbar(p: Sequence[FourVector], params: SMParameters, flavour: str = "u"):
+    """<|M|^2> of q(p1) qbar(p2) -> t(p3) tbar(p4): g^4 (4/9)(tau1^2 + tau2^2 + rho/2)."""
+    tau1, tau2, rho = _top_invariants(p, params)
+    gs2 = 4.0 * math.pi * params.alpha_s
+    return gs2 * gs2 * (4.0 / 9.0) * (tau1 * tau1 + tau2 * tau2 + 0.5 * rho)
+
+
+def gg_to_ttbar(p: Sequence[FourVector], params: SMParameters, flavour: str | None = None):
+    """<|M|^2> of g(p1) g(p2) -> t(p3) tbar(p4):
+    g^4 (1/(6 tau1 tau2) - 3/8)(tau1^2 + tau2^2 + rho - rho^2/(4 tau1 tau2))."""
+    tau1, tau2, rho = _top_invariants(p, params)
+    gs2 = 4.0 * math.pi * params.alpha_s
+    product = tau1 * tau2
+    return gs2 * gs2 * (1.0 / (6.0 * product) - 0.375) * (tau1 * tau1 + tau2 * tau2 + rho - rho * rho / (4.0 * product))
+
+
+def gg_to_ttbar_colour_weights(p: Sequence[FourVector], params: SMParameters):
+    """Leading-colour weights (w13, w23) of the two colour flows of g g -> t tbar.
+
+    w13 ~ tau2 / tau1: the top is colour-connected to gluon 1 (dominant when the
+    top is collinear to gluon 1); w23 ~ tau1 / tau2: connected to gluon 2.
+    Returned normalised, w13 + w23 = 1 (for LHE colour tags).
+    """
+    tau1, tau2, _ = _top_invariants(p, params)
+    w13 = tau2 * tau2
+    w23 = tau1 * tau1
+    norm = 1.0 / (w13 + w23)
+    return w13 * norm, w23 * norm
+
+
+@dataclass(frozen=True)
+class Process:
+    """A 2 -> n process: names, flavours, particle content and its |M|^2 function."""
+
+    name: str
+    description: str
+    n_out: int
+    flavours: tuple[str, ...]
+    default_flavour: str | None
+    massive_top: bool
+    function: Callable
+
+    @property
+    def n_particles(self) -> int:
+        return 2 + self.n_out
+
+    def check_flavour(self, flavour: str | None) -> str | None:
+        """Return the flavour to use (default when None); unknown flavours raise ValueError."""
+        if flavour is None:
+            return self.default_flavour
+        if not self.flavours:
+            raise ValueError(f"process {self.name!r} takes no flavour, got {flavour!r}")
+        if flavour not in self.flavours:
+            raise ValueError(f"unknown flavour {flavour!r} for process {self.name!r}; "
+                             f"choose one of {', '.join(self.flavours)}")
+        return flavour
+
+    def pdg_ids(self, flavour: str | None) -> tuple[int, ...]:
+        """PDG ids of all particles (incoming first); for flavour 'all' the quark entries are 0."""
+        flavour = self.check_flavour(flavour)
+        q = 0 if flavour == "all" else FERMIONS[flavour].pdg if flavour else 0
+        return {
+            "ee_mumu": (11, -11, 13, -13),
+            "ee_qq": (11, -11, q, -q),
+            "ee_qqg": (11, -11, q, -q, 21),
+            "qq_tt": (q, -q, 6, -6),
+            "gg_tt": (21, 21, 6, -6),
+        }[self.name]
+
+    def outgoing_masses(self, params: SMParameters) -> list:
+        """Masses [GeV] of the outgoing particles (floats or Dr.Jit arrays)."""
+        return [params.top_mass] * 2 if self.massive_top else [0.0] * self.n_out
+
+    def squared(self, momenta: Sequence[FourVector], params: SMParameters, flavour: str | None = None):
+        """<|M|^2> for ``momenta`` (incoming first) [dimensionless for 2->2, GeV^-2 for 2->3]."""
+        if len(momenta) != self.n_particles:
+            raise ValueError(f"process {self.name!r} needs {self.n_particles} momenta, got {len(momenta)}")
+        return self.function(momenta, params, self.check_flavour(flavour))
+
+
+_QUARK_CHOICES = QUARKS + ("all",)
+PROCESSES = {
+    p.name: p
+    for p in (
+        Process("ee_mumu", "e- e+ -> mu- mu+ (gamma/Z)", 2, ("mu",), "mu", False, ee_to_ffbar),
+        Process("ee_qq", "e- e+ -> q qbar (gamma/Z)", 2, _QUARK_CHOICES, "all", False, ee_to_ffbar),
+        Process("ee_qqg", "e- e+ -> q qbar g (gamma/Z, O(alpha_s))", 3, _QUARK_CHOICES, "all", False,
+                ee_to_qqbarg),
+        Process("qq_tt", "q qbar -> t tbar (QCD)", 2, QUARKS, "u", True, qqbar_to_ttbar),
+        Process("gg_tt", "g g -> t tbar (QCD)", 2, (), None, True, gg_to_ttbar),
+    )
+}
+
+
+def get_process(name: str) -> Process:
+    """Process by name; unknown names raise a ValueError listing the known ones."""
+    try:
+        return PROCESSES[name]
+    except KeyError:
+        raise ValueError(f"unknown process {name!r}; known: {', '.join(PROCESSES)}") from None
+
+
+def squared_matrix_element(process: str, momenta: Sequence[FourVector], params: SMParameters,
+                           flavour: str | None = None):
+    """<|M|^2> of process ``process`` (see :data:`PROCESSES`)."""
+    return get_process(process).squared(momenta, params, flavour)

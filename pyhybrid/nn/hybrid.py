@@ -1,0 +1,392 @@
+"""Hybrid models: physics components and neural networks behind one module interface.
+
+A *component* is any ``nn.Module`` mapping a batch tensor ``(N, *input_shape)``
+to ``(N, *output_shape)``: a physics layer (e.g. :class:`pyhybrid.nn.Propagator`),
+a network, or a mixture. :class:`Component` holds up to three of them and
+chooses, with one switch, how its output is computed::
+
+    mode="physics"    y = physics(x)                            (exact, differentiable)
+    mode="surrogate"  y = surrogate(x)                          (a network imitating the physics)
+    mode="residual"   y = physics(x) + correction(x, physics(x))  (physics + learned residual)
+
+so a model built from components can swap a physics layer for a surrogate, or
+add a learned correction to it, without changing any other code (see
+docs/hybrid.md). All pieces are ordinary torch modules: one optimizer trains
+networks and physics parameters together, gradients flow through the physics
+via :func:`pyhybrid.engine.kernel_function`.
+
+Building blocks
+---------------
+* :class:`MLP` -- fully connected network (SiLU), optionally zero-initialised
+  output layer (a correction that starts as exactly zero).
+* :class:`Standardize` -- fixed affine map ``(x - shift) / scale`` (buffers).
+* :class:`Surrogate` -- a network with the input/output shapes of a physics
+  component, standardised on samples of it; :func:`fit_surrogate` trains it by
+  regression on the physics outputs.
+* :class:`Correction` -- a small network of the component's input and/or physics
+  output, added to the physics output (zero at initialisation).
+* :func:`fit` -- a minimal Adam + cosine-decay training loop over index batches,
+  shared by the examples, tests and the DDP script.
+
+The tracking-specific pieces used by the main demo (``examples/hybrid_tracking.py``)
+are in the second half of this module: :class:`TrackEncoder` (noisy hits ->
+perigee track parameters) and :func:`hit_chi2`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from pyhybrid.engine import check_tensor
+
+__all__ = ["MLP", "Standardize", "Surrogate", "Correction", "Component", "fit_surrogate", "fit", "MODES"]
+
+#: The ways a :class:`Component` can compute its output.
+MODES = ("physics", "surrogate", "residual")
+
+
+# ---------------------------------------------------------------- generic building blocks
+
+
+class MLP(nn.Sequential):
+    """Fully connected network ``in_features -> hidden... -> out_features`` with SiLU activations.
+
+    ``zero_last=True`` initialises the output layer to zero, so the network
+    starts as the zero function (used for learned corrections: the hybrid model
+    starts as the pure physics model).
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (64, 64),
+                 activation: Callable[[], nn.Module] = nn.SiLU, zero_last: bool = False):
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), activation()]
+            width = h
+        last = nn.Linear(width, out_features)
+        if zero_last:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        layers.append(last)
+        super().__init__(*layers)
+        self.in_features, self.out_features = in_features, out_features
+
+
+class Standardize(nn.Module):
+    """Fixed affine map ``(x - shift) / scale`` on the last axis; ``inverse`` undoes it.
+
+    ``shift`` and ``scale`` are buffers (saved in the state dict, not trained);
+    :meth:`from_samples` sets them to the mean and standard deviation of data.
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(features))
+        self.register_buffer("scale", torch.ones(features))
+
+    @torch.no_grad()
+    def from_samples(self, samples: torch.Tensor) -> "Standardize":
+        check_tensor(samples, "samples", shape=(None, self.shift.numel()))
+        self.shift.copy_(samples.mean(0))
+        # Constant features keep scale 1 instead of dividing by zero.
+        std = samples.std(0)
+        self.scale.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+class Surrogate(nn.Module):
+    """A network standing in for a physics component: ``(N, *input_shape) -> (N, *output_shape)``.
+
+    Inputs and outputs are standardised (call :meth:`calibrate` with samples
+    of the physics inputs and outputs, or :func:`fit_surrogate` which does it),
+    so the network works on O(1) numbers whatever the units.
+    """
+
+    def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int], hidden: Sequence[int] = (128, 128)):
+        super().__init__()
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
+        n_in, n_out = _numel(self.input_shape), _numel(self.output_shape)
+        self.input_norm = Standardize(n_in)
+        self.output_norm = Standardize(n_out)
+        self.network = MLP(n_in, n_out, hidden)
+
+    def calibrate(self, inputs: torch.Tensor, outputs: torch.Tensor) -> "Surrogate":
+        """Set the input/output standardisation from samples of the physics component."""
+        self.input_norm.from_samples(inputs.detach().flatten(1))
+        self.output_norm.from_samples(outputs.detach().flatten(1))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor(x, "x", shape=(None, *self.input_shape))
+        z = self.network(self.input_norm(x.flatten(1)))
+        return self.output_norm.inverse(z).reshape(x.shape[0], *self.output_shape)
+
+
+class Correction(nn.Module):
+    """Learned residual ``delta(x, y)`` added to a physics output ``y = physics(x)``.
+
+    ``inputs`` chooses what the network sees: ``"input"`` (x), ``"output"``
+    (the physics output y) or ``"both"`` (concatenated, flattened per sample).
+    ``output_scale`` sets the units of the correction (the network output is
+    multiplied by it); the last layer starts at zero, so before training
+    ``physics + correction`` is exactly the physics.
+    """
+
+    INPUTS = ("input", "output", "both")
+
+    def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int], inputs: str = "output",
+                 hidden: Sequence[int] = (32, 32), output_scale: float = 1.0,
+                 input_norm: Standardize | None = None):
+        super().__init__()
+        if inputs not in self.INPUTS:
+            raise ValueError(f"inputs must be one of {self.INPUTS}, got {inputs!r}")
+        self.inputs = inputs
+        self.output_shape = tuple(output_shape)
+        n_in = {"input": _numel(input_shape), "output": _numel(output_shape),
+                "both": _numel(input_shape) + _numel(output_shape)}[inputs]
+        self.input_norm = input_norm if input_norm is not None else Standardize(n_in)
+        self.network = MLP(n_in, _numel(output_shape), hidden, zero_last=True)
+        self.output_scale = float(output_scale)
+
+    def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        parts = {"input": [x], "output": [y], "both": [x, y]}[self.inputs]
+        return torch.cat([p.flatten(1) for p in parts], dim=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        delta = self.network(self.input_norm(self.features(x, y))) * self.output_scale
+        return delta.reshape(y.shape[0], *self.output_shape)
+
+
+class Component(nn.Module):
+    """One slot of a model filled by physics, a surrogate network, or physics + learned residual.
+
+    Parameters
+    ----------
+    physics: module ``(N, *in) -> (N, *out)`` (e.g. a :class:`pyhybrid.nn.Propagator`
+        wrapped to return one tensor), or None.
+    surrogate: module with the same signature (e.g. :class:`Surrogate`), or None.
+    correction: module ``(x, y) -> delta`` with ``delta`` shaped like ``y`` (e.g.
+        :class:`Correction`), or None.
+    mode: one of :data:`MODES`; default: ``"residual"`` if a correction is given,
+        else ``"physics"`` if physics is given, else ``"surrogate"``.
+
+    Switch at any time with ``component.mode = "surrogate"`` (or :meth:`use`);
+    a mode whose modules are missing raises a ValueError naming them. Parameters
+    of all held modules are registered, so an optimizer built once sees them all;
+    freeze a part with ``component.physics.requires_grad_(False)``.
+    """
+
+    def __init__(self, physics: nn.Module | None = None, surrogate: nn.Module | None = None,
+                 correction: nn.Module | None = None, mode: str | None = None):
+        super().__init__()
+        if physics is None and surrogate is None:
+            raise ValueError("Component needs a physics module or a surrogate")
+        self.physics, self.surrogate, self.correction = physics, surrogate, correction
+        if mode is None:
+            mode = "residual" if correction is not None else ("physics" if physics is not None else "surrogate")
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        needs = {"physics": ("physics",), "surrogate": ("surrogate",), "residual": ("physics", "correction")}[mode]
+        missing = [name for name in needs if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"mode {mode!r} needs {' and '.join(missing)}, which this Component does not have")
+        self._mode = mode
+
+    def use(self, mode: str) -> "Component":
+        """Set the mode and return self (chainable)."""
+        self.mode = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mode == "surrogate":
+            return self.surrogate(x)
+        y = self.physics(x)
+        if self._mode == "physics":
+            return y
+        return y + self.correction(x, y)
+
+    def extra_repr(self) -> str:
+        return f"mode={self._mode!r}"
+
+
+# ---------------------------------------------------------------- training
+
+
+def fit(parameters: Iterable[nn.Parameter], loss_of_batch: Callable[[torch.Tensor], torch.Tensor], n_samples: int,
+        *, steps: int, batch_size: int, lr: float = 3e-3, seed: int = 0, weight_decay: float = 0.0,
+        advance: Callable[[int], None] | None = None) -> list[float]:
+    """Minimise ``loss_of_batch(indices)`` with Adam and a cosine learning-rate decay.
+
+    Each step draws ``batch_size`` sample indices (a fresh permutation per epoch,
+    from a generator seeded with ``seed``; the whole set when it is smaller) and
+    calls ``loss_of_batch`` with them (an int64 tensor). ``advance(1)`` is
+    called after every step (a progress bar). Returns the loss of each step.
+    """
+    if n_samples < 1 or steps < 1 or batch_size < 1:
+        raise ValueError(f"n_samples, steps and batch_size must be >= 1, got {n_samples}, {steps}, {batch_size}")
+    parameters = [p for p in parameters if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * 0.02)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n_samples)
+    order, position = torch.randperm(n_samples, generator=generator), 0
+    losses = []
+    for _ in range(steps):
+        if position + batch_size > n_samples:
+            order, position = torch.randperm(n_samples, generator=generator), 0
+        indices = order[position:position + batch_size]
+        position += batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of_batch(indices)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if advance is not None:
+            advance(1)
+    return losses
+
+
+def fit_surrogate(surrogate: Surrogate, physics: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, *,
+                  steps: int = 2000, batch_size: int = 256, lr: float = 3e-3, seed: int = 0,
+                  advance: Callable[[int], None] | None = None) -> list[float]:
+    """Train ``surrogate`` to reproduce ``physics`` on ``inputs`` (mean squared error, standardised units).
+
+    The physics outputs are computed once (no gradient); the surrogate is
+    calibrated on them, then trained with :func:`fit`. Returns the losses.
+    """
+    with torch.no_grad():
+        targets = physics(inputs)
+    surrogate.calibrate(inputs, targets)
+    flat_targets = surrogate.output_norm(targets.flatten(1))
+
+    def loss_of_batch(indices):
+        prediction = surrogate.output_norm(surrogate(inputs[indices]).flatten(1))
+        return (prediction - flat_targets[indices]).pow(2).mean()
+
+    return fit(surrogate.network.parameters(), loss_of_batch, inputs.shape[0], steps=steps, batch_size=batch_size,
+               lr=lr, seed=seed, advance=advance)
+
+
+# ---------------------------------------------------------------- tracking pieces (main demo)
+
+#: Perigee track parameters, in this order: d0 [mm], z0 [mm], phi [rad], theta [rad], q/p [1/GeV].
+PERIGEE_NAMES = ("d0", "z0", "phi", "theta", "qop")
+
+
+def wrap_angle(phi: torch.Tensor) -> torch.Tensor:
+    """Angle mapped to [-pi, pi)."""
+    return torch.remainder(phi + math.pi, 2 * math.pi) - math.pi
+
+
+def perigee_to_free(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Perigee parameters (N, 5) -> (position (N, 3) [mm], unit direction (N, 3), q/p (N,) [1/GeV]).
+
+    Perigee with respect to the z axis (ACTS convention): the point of closest
+    approach is ``(-d0 sin phi, d0 cos phi, z0)``, the direction there is
+    ``(sin theta cos phi, sin theta sin phi, cos theta)``. Differentiable.
+    """
+    check_tensor(params, "params", shape=(None, 5))
+    d0, z0, phi, theta, qop = params.unbind(-1)
+    sin_phi, cos_phi, sin_theta = torch.sin(phi), torch.cos(phi), torch.sin(theta)
+    position = torch.stack([-d0 * sin_phi, d0 * cos_phi, z0], dim=-1)
+    direction = torch.stack([sin_theta * cos_phi, sin_theta * sin_phi, torch.cos(theta)], dim=-1)
+    return position, direction, qop
+
+
+class TrackEncoder(nn.Module):
+    """Network: measured hits on barrel layers -> perigee parameters (d0, z0, phi, theta, q/p).
+
+    Input ``hits`` (N, L, 2): local cylinder coordinates (r*phi [mm], z [mm]) on
+    L barrel layers of radii ``radii`` [mm], every layer hit. The azimuth of the
+    innermost hit is subtracted from all hits before the MLP and added back to
+    phi, so the network is exactly rotation-invariant about the beam axis and
+    never sees the 2 pi wrap. Outputs are bounded where unbounded values would
+    be unphysical for the detector: ``|d0| < d0_max``, ``|theta - pi/2| <
+    theta_half_range``, ``|q/p| < qop_max``. Call :meth:`calibrate` with
+    training hits before training (sets the input standardisation).
+    """
+
+    def __init__(self, radii: Sequence[float], hidden: Sequence[int] = (128, 128), *, d0_max: float = 5.0,
+                 z0_scale: float = 50.0, phi_scale: float = 0.05, theta_half_range: float = 1.0,
+                 qop_max: float = 2.0):
+        super().__init__()
+        self.register_buffer("radii", torch.as_tensor(list(radii), dtype=torch.float64))
+        if self.radii.dim() != 1 or self.radii.numel() < 3 or bool((self.radii <= 0).any()):
+            raise ValueError("radii must be at least 3 positive layer radii [mm]")
+        n_layers = self.radii.numel()
+        self.input_norm = Standardize(2 * n_layers)
+        self.network = MLP(2 * n_layers, 5, hidden)
+        self.d0_max, self.z0_scale, self.phi_scale = float(d0_max), float(z0_scale), float(phi_scale)
+        self.theta_half_range, self.qop_max = float(theta_half_range), float(qop_max)
+
+    def _features(self, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor(hits, "hits", shape=(None, self.radii.numel(), 2))
+        radii = self.radii.to(hits.dtype)
+        phi = hits[..., 0] / radii
+        phi_ref = phi[:, 0]
+        relative = wrap_angle(phi - phi_ref[:, None]) * radii  # arc length relative to the first hit [mm]
+        return torch.cat([relative, hits[..., 1]], dim=1), phi_ref
+
+    @torch.no_grad()
+    def calibrate(self, hits: torch.Tensor) -> "TrackEncoder":
+        """Standardise the network inputs on a sample of hits (N, L, 2)."""
+        self.input_norm.from_samples(self._features(hits)[0])
+        return self
+
+    def forward(self, hits: torch.Tensor) -> torch.Tensor:
+        features, phi_ref = self._features(hits)
+        u = self.network(self.input_norm(features))
+        d0 = self.d0_max * torch.tanh(u[:, 0] / self.d0_max)
+        z0 = self.z0_scale * u[:, 1]
+        phi = wrap_angle(phi_ref + self.phi_scale * u[:, 2])
+        theta = 0.5 * math.pi + self.theta_half_range * torch.tanh(u[:, 3])
+        qop = self.qop_max * torch.tanh(u[:, 4])
+        return torch.stack([d0, z0, phi, theta, qop], dim=-1)
+
+
+def local_residuals(predicted: torch.Tensor, measured: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Residuals ``predicted - measured`` of local cylinder hits (N, L, 2) = (r*phi, z) [mm].
+
+    The r*phi residual is taken on the circle (azimuth difference wrapped to
+    [-pi, pi) times the radius), so a track near phi = +-pi has no 2 pi r jump.
+    """
+    radii = radii.to(predicted.dtype)
+    d_phi = wrap_angle((predicted[..., 0] - measured[..., 0]) / radii)
+    return torch.stack([d_phi * radii, predicted[..., 1] - measured[..., 1]], dim=-1)
+
+
+def hit_chi2(residuals: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-track chi^2 = sum over layers and coordinates of (residual / sigma)^2.
+
+    ``residuals``: (N, L, 2) [mm] (see :func:`local_residuals`); ``sigma``: (L, 2)
+    or (N, L, 2) resolutions [mm]; ``mask`` (N, L) bool: layers that count
+    (default all). Returns (N,).
+    """
+    squared = (residuals / sigma).pow(2).sum(-1)
+    if mask is not None:
+        squared = torch.where(mask, squared, torch.zeros_like(squared))
+    return squared.sum(-1)

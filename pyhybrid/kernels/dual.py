@@ -12,7 +12,9 @@ thickness before a layer is crossed) out of the generated kernel.
 
 All helpers accept plain values as well, so code written once with them runs
 on plain Dr.Jit arrays (values only) or on Duals (values and derivatives).
-No torch here.
+Dr.Jit arrays do not defer to other types in binary operators: in mixed
+expressions keep the Dual on the left of a Dr.Jit array (Python floats may be
+on either side). No torch here.
 """
 from __future__ import annotations
 

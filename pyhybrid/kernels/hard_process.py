@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import drjit as dr
 import numpy as np
@@ -40,6 +40,7 @@ from pyhybrid.kernels.vegas import VegasResult, integrate, uniform_points
 __all__ = ["MAPPINGS", "HardProcess", "PhasePoints", "UnweightedEvents"]
 
 MAPPINGS = ("angles", "rambo")
+_UNWEIGHTING_STREAMS = 1 << 20
 
 
 @dataclass
@@ -55,7 +56,7 @@ class PhasePoints:
 class UnweightedEvents:
     """Unweighted events (numpy): momenta (n, n_particles, 4) [GeV], PDG ids (n, n_particles),
     colour_flow (n,) (0/1 for g g -> t tbar: top colour-connected to gluon 1/2; else 0),
-    plus hit-or-miss bookkeeping."""
+    plus hit-or-miss bookkeeping (trial points, trials above w_max, w_max [pb])."""
 
     momenta: np.ndarray
     pdg: np.ndarray
@@ -63,7 +64,6 @@ class UnweightedEvents:
     n_trials: int
     n_overweight: int
     max_weight: float
-    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -144,47 +144,49 @@ class HardProcess:
         return integrate(self.weight, self.dim, types, n_points=n_points, adapt_iterations=adapt_iterations,
                          iterations=iterations, seed=seed, advance=advance)
 
-    def unweighted_events(self, types: KernelTypes, result: VegasResult, n_events: int, *, seed: int = 0,
-                          batch: int = 100_000, advance: Callable[[int], None] | None = None) -> UnweightedEvents:
-        """Hit-or-miss unweighting with the adapted grid of ``result`` and w_max = its largest weight.
+    def unweighted_batches(self, types: KernelTypes, result: VegasResult, n_events: int, *, seed: int = 0,
+                           batch: int = 100_000) -> Iterator[UnweightedEvents]:
+        """Hit-or-miss unweighting with the adapted grid of ``result``, w_max = its largest weight.
 
-        Weights above w_max (possible, since w_max comes from a finite sample)
-        are counted in ``n_overweight``; such events are kept once (the
-        distribution is then biased by at most the overweight fraction, reported).
-        ``advance(k)`` is called with the number of events accepted per batch.
+        Yields the accepted events of each batch of ``batch`` trial points
+        (possibly none) until ``n_events`` are reached. Trial weights above
+        w_max (possible, since w_max comes from a finite sample) are counted in
+        ``n_overweight`` and such events kept once; the resulting bias is at most
+        of the order of the overweight fraction n_overweight / n_trials.
         """
         if n_events < 1:
             raise ValueError(f"n_events must be >= 1, got {n_events}")
         max_weight = result.max_weight
-        stream_offset = 1_000_000  # streams disjoint from those of the integration
-        chunks, n_trials, n_overweight, accepted = [], 0, 0, 0
-        iteration = 0
+        pdg_table = np.array([self.process.pdg_ids(f) for f in self.flavours], dtype=np.int32)
+        accepted, iteration = 0, 0
         while accepted < n_events:
-            u = uniform_points(types, batch, self.dim + 2, seed, stream_offset + iteration)
+            # Streams disjoint from the integration's (which use 0 .. iterations - 1).
+            u = uniform_points(types, batch, self.dim + 2, seed, _UNWEIGHTING_STREAMS + iteration)
             x, jacobian, _ = result.grid.sample(types, u[: self.dim])
             point = self.points(x)
             weight = point.weight * jacobian
             keep = u[self.dim] * max_weight < weight
+            # One more uniform picks the flavour (flavour 'all') or the g g -> t tbar colour flow.
             flavour_index = self._choose_flavour(point, u[self.dim + 1], types)
             colour = self._colour_flow(point, u[self.dim + 1], types)
             columns = [c + dr.zeros(types.Float, batch) for p in point.momenta for c in p.columns()]
             dr.eval(weight, keep, flavour_index, colour, *columns)
-            keep_np = keep.numpy()
-            n_overweight += int(np.count_nonzero(weight.numpy() > max_weight))
-            take = np.flatnonzero(keep_np)[: n_events - accepted]
-            n_trials += batch if accepted + len(take) < n_events else int(take[-1]) + 1
-            momenta = np.stack([np.asarray(c.numpy(), np.float64) for c in columns], axis=1)
-            chunks.append((momenta[take].reshape(len(take), -1, 4), flavour_index.numpy()[take],
-                           colour.numpy()[take]))
+            take = np.flatnonzero(keep.numpy())[: n_events - accepted]
+            n_trials = batch if accepted + len(take) < n_events else int(take[-1]) + 1
+            n_overweight = int(np.count_nonzero(weight.numpy()[:n_trials] > max_weight))
+            momenta = np.stack([np.asarray(c.numpy(), np.float64)[take] for c in columns], axis=1)
             accepted += len(take)
             iteration += 1
-            if advance is not None and len(take):
-                advance(len(take))
-        momenta = np.concatenate([c[0] for c in chunks])
-        flavour_index = np.concatenate([c[1] for c in chunks])
-        pdg = np.array([self.process.pdg_ids(f) for f in self.flavours], dtype=np.int32)[flavour_index]
-        return UnweightedEvents(momenta, pdg, np.concatenate([c[2] for c in chunks]).astype(np.int8),
-                                n_trials, n_overweight, max_weight)
+            yield UnweightedEvents(momenta.reshape(len(take), -1, 4), pdg_table[flavour_index.numpy()[take]],
+                                   colour.numpy()[take].astype(np.int8), n_trials, n_overweight, max_weight)
+
+    def unweighted_events(self, types: KernelTypes, result: VegasResult, n_events: int, *, seed: int = 0,
+                          batch: int = 100_000) -> UnweightedEvents:
+        """All ``n_events`` of :meth:`unweighted_batches` in one :class:`UnweightedEvents`."""
+        chunks = list(self.unweighted_batches(types, result, n_events, seed=seed, batch=batch))
+        return UnweightedEvents(np.concatenate([c.momenta for c in chunks]), np.concatenate([c.pdg for c in chunks]),
+                                np.concatenate([c.colour_flow for c in chunks]), sum(c.n_trials for c in chunks),
+                                sum(c.n_overweight for c in chunks), result.max_weight)
 
     def _choose_flavour(self, point: PhasePoints, u, types: KernelTypes):
         """Flavour index with probability w_f / sum w (0 for a single flavour)."""

@@ -63,7 +63,7 @@ class Cylinder:
         exists = dm.value(disc) >= 0
         disc = dm.select(dm.value(disc) > 1e-30, disc, 1e-30)
         sign = dr.select(dm.value(b) >= 0, 1.0, -1.0)
-        q = -(b + sign * dm.sqrt(disc))
+        q = -(b + dm.sqrt(disc) * sign)
         q = dm.select(dr.abs(dm.value(q)) > 1e-30, q, -sign * 1e-30)
         near = c / q
         a2_safe = dm.select(dm.value(a2) > 1e-30, a2, 1e-30)
@@ -91,7 +91,7 @@ class Cylinder:
         return (a * dm.atan2(r[1], r[0]), r[2])
 
     def in_bounds(self, r, a):
-        return dr.abs(r[2]) <= self.half_length
+        return dr.abs(r[2]) <= _bound(r, self.half_length)
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Plane:
 
     def in_bounds(self, r, a):
         u, v = self.local(r, a)
-        return (dr.abs(u) <= self.half_u) & (dr.abs(v) <= self.half_v)
+        return (dr.abs(u) <= _bound(r, self.half_u)) & (dr.abs(v) <= _bound(r, self.half_v))
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,12 @@ class Disk(Plane):
 
     def in_bounds(self, r, a):
         rho = dr.sqrt(r[0] * r[0] + r[1] * r[1])
-        return (rho >= self.r_min) & (rho <= self.r_max)
+        return (rho >= _bound(r, self.r_min)) & (rho <= _bound(r, self.r_max))
+
+
+def _bound(r, value: float):
+    """A bound as an opaque array: surfaces that differ only in their bounds share compiled kernels."""
+    return dr.opaque(type(r[0]), value)
 
 
 def _unit(name: str, vector) -> tuple:

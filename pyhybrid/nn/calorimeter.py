@@ -8,6 +8,7 @@ the random model are described in :mod:`pyhybrid.kernels.calorimeter`.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -130,11 +131,12 @@ class SamplingCalorimeter(nn.Module):
 
     def _check_design(self) -> None:
         for name in _POSITIVE:
-            value = getattr(self, name)
-            if not bool(torch.isfinite(value)) or float(value) <= 0.0:
-                raise ValueError(f"{name} must be positive and finite, got {float(value)}")
-        if not bool(torch.isfinite(self.noise)) or float(self.noise) < 0.0:
-            raise ValueError(f"noise must be >= 0, got {float(self.noise)}")
+            value = float(getattr(self, name).detach())
+            if not math.isfinite(value) or value <= 0.0:
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        noise = float(self.noise.detach())
+        if not math.isfinite(noise) or noise < 0.0:
+            raise ValueError(f"noise must be finite and >= 0, got {noise}")
 
     def medium(self) -> dict[str, torch.Tensor]:
         """Effective-medium quantities (0-d tensors, differentiable in the design):

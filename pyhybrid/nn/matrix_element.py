@@ -234,7 +234,8 @@ def _lane_parallel(kernel, packed_vectors: int | None = None):
 
 
 def _parameter(value: float) -> nn.Parameter:
-    return nn.Parameter(torch.tensor(float(value)))
+    # float64 so that the inputs keep full precision; forward casts to the input dtype.
+    return nn.Parameter(torch.tensor(float(value), dtype=torch.float64))
 
 
 class _ProcessModule(nn.Module):
@@ -422,11 +423,12 @@ def two_body_momenta(sqrt_s, mass_a, mass_b, cos_theta: torch.Tensor, phi: torch
         raise ValueError("cos_theta must lie in [-1, 1]")
     sqrt_s, mass_a, mass_b = (_scalar_tensor(v, name, cos_theta)
                               for v, name in ((sqrt_s, "sqrt_s"), (mass_a, "mass_a"), (mass_b, "mass_b")))
-    if float(mass_a) < 0 or float(mass_b) < 0:
+    sqrt_s_value, mass_a_value, mass_b_value = (float(v.detach()) for v in (sqrt_s, mass_a, mass_b))
+    if mass_a_value < 0 or mass_b_value < 0:
         raise ValueError("masses must be non-negative")
-    if float(sqrt_s) <= float(mass_a) + float(mass_b):
-        raise ValueError(f"sqrt_s = {float(sqrt_s):.6g} GeV is below threshold mass_a + mass_b = "
-                         f"{float(mass_a) + float(mass_b):.6g} GeV")
+    if sqrt_s_value <= mass_a_value + mass_b_value:
+        raise ValueError(f"sqrt_s = {sqrt_s_value:.6g} GeV is below threshold mass_a + mass_b = "
+                         f"{mass_a_value + mass_b_value:.6g} GeV")
     columns, density = _two_body_function(sqrt_s, mass_a, mass_b, cos_theta, phi)
     return columns.reshape(-1, 4, 4), density
 
@@ -450,8 +452,8 @@ def rambo_momenta(sqrt_s, masses: torch.Tensor, n_events: int, seed: int = 0):
     if not isinstance(n_events, int) or n_events < 1:
         raise ValueError(f"n_events must be a positive integer, got {n_events!r}")
     sqrt_s = _scalar_tensor(sqrt_s, "sqrt_s", masses)
-    if float(sqrt_s) <= float(masses.detach().sum()):
-        raise ValueError(f"sqrt_s = {float(sqrt_s):.6g} GeV is below threshold sum(masses) = "
+    if float(sqrt_s.detach()) <= float(masses.detach().sum()):
+        raise ValueError(f"sqrt_s = {float(sqrt_s.detach()):.6g} GeV is below threshold sum(masses) = "
                          f"{float(masses.detach().sum()):.6g} GeV")
     columns, weight = kernel_function(_rambo_kernel, n_events=n_events, n_out=n_out, seed=seed)(sqrt_s, masses)
     return columns.reshape(n_events, 2 + n_out, 4), weight

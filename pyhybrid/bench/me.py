@@ -1,0 +1,81 @@
+"""Benchmark cases: LO matrix elements, Dr.Jit module vs the torch-eager reference.
+
+Work unit: matrix-element evaluations (events). The Dr.Jit side is the
+user-facing :class:`pyhybrid.nn.MatrixElement` with its default input
+validation; the baseline is ``tests/reference/torch_me.py`` (the same formulas,
+one torch op each). Gradient cases time forward + backward: ``grad-params``
+w.r.t. the six SM parameters (the matrix-element-inference use), ``grad-all``
+also w.r.t. every momentum component.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+from pyhybrid.bench.harness import BenchCase
+
+N_EVENTS = 1 << 20
+_SQRT_S = {"ee_mumu": 91.2, "ee_qqg": 91.2, "gg_tt": 500.0}
+
+
+@lru_cache(maxsize=None)
+def _reference():
+    """tests/reference/torch_me.py, loaded by path (the tests folder is not a package)."""
+    path = Path(__file__).resolve().parents[2] / "tests" / "reference" / "torch_me.py"
+    spec = importlib.util.spec_from_file_location("pyhybrid_bench_torch_me", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _setup(process: str, mode: str, n_events: int):
+    def setup(device: str, precision: str):
+        import torch
+
+        from pyhybrid.kernels.matrix_elements import get_process
+        from pyhybrid.nn.matrix_element import MatrixElement, rambo_momenta
+
+        dtype = getattr(torch, precision)
+        masses = torch.tensor([172.5 if get_process(process).massive_top else 0.0] * get_process(process).n_out,
+                              dtype=torch.float64)
+        momenta, _ = rambo_momenta(_SQRT_S[process], masses, n_events, seed=1)
+        momenta = momenta.detach().to(device=device, dtype=dtype)
+        module = MatrixElement(process).to(device=device, dtype=dtype)
+        params = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
+        reference = _reference()
+        if mode == "grad-all":
+            momenta.requires_grad_()
+        synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def drjit_call():
+            if mode == "forward":
+                with torch.no_grad():
+                    module(momenta)
+            else:
+                module.zero_grad(set_to_none=True)
+                momenta.grad = None
+                module(momenta).sum().backward()
+            synchronize()
+
+        def torch_call():
+            if mode == "forward":
+                with torch.no_grad():
+                    reference.squared_matrix_element(process, momenta, params)
+            else:
+                for p in params.values():
+                    p.grad = None
+                momenta.grad = None
+                reference.squared_matrix_element(process, momenta, params).sum().backward()
+            synchronize()
+
+        return drjit_call, torch_call
+
+    return setup
+
+
+CASES = [
+    BenchCase(f"me-{process}-{mode}", "events", N_EVENTS, _setup(process, mode, N_EVENTS), grad=mode != "forward")
+    for process in ("ee_mumu", "ee_qqg", "gg_tt")
+    for mode in ("forward", "grad-params", "grad-all")
+]

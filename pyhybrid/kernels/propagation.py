@@ -1,0 +1,629 @@
+"""Charged-particle propagation through a magnetic field and detector layers (Dr.Jit; no torch).
+
+Track state: ACTS free parameters, one lane per track,
+
+    (x, y, z [mm], t [ns], tx, ty, tz [unit direction], q/p [e/GeV]),
+
+see :class:`FreeParameters`. Input directions are normalised (their length must
+be positive); q/p = 0 means a neutral / infinite-momentum track: a straight line,
+no material effects, time advancing at the speed of light.
+
+Navigation: :func:`propagate_layers` visits the layers in the order given.
+For each layer it steps (RK4 or adaptive RKN, see :mod:`steppers`) towards the
+layer's surface, limiting each step to the straight-line distance to the
+surface (as the ACTS navigator does) until the track is within
+``surface_tolerance`` of it, then moves it onto the surface along its tangent.
+A layer is *hit* when the crossing lies inside its bounds; the hit records the
+state on the surface (before the layer's material), local coordinates and the
+path length from the start, and the material of the layer is applied. A layer
+is *missed* when the crossing is out of bounds, when the track turns away
+(passes a closest approach without crossing, e.g. a curler below a cylinder's
+radius), leaves the world volume, exceeds ``max_path`` or ``max_steps`` for
+that layer, or has stopped in earlier material. A missed layer leaves the
+track state unchanged (the next layer is searched from the last hit), its
+outputs are zero and ``valid`` is False -- never NaN. Each layer is hit at
+most once, on its first crossing after the previous hit.
+
+Jacobians (forward mode, as ACTS): within a segment between two surfaces the
+derivatives of (r, T) with respect to the segment's start (x, y, z, T, q/p)
+and the field parameters are carried through every Runge-Kutta stage (including
+dB/dr). At the surface they are combined, with :mod:`dual` numbers, with the
+surface intersection (the path-length correction of ACTS' free-to-bound
+projection), the derivative with respect to the surface position parameter,
+the time, local coordinates and the material interaction (including the
+material thickness). Each layer's Jacobians are kept (O(batch x layers)
+memory, independent of the number of steps); :func:`layers_vjp` runs the
+reverse sweep J^T g over layers. The covariance (8x8 free) is transported with
+the same Jacobians, with multiple scattering and energy-loss straggling added
+at each hit layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field as dataclass_field
+from typing import Sequence
+
+import drjit as dr
+
+from pyhybrid.kernels import dual as dm
+from pyhybrid.kernels.backend import KernelTypes, types_of
+from pyhybrid.kernels.material import Material, interact
+from pyhybrid.kernels.steppers import RK4, AdaptiveRKN, TangentColumn, nystrom_step
+from pyhybrid.kernels.surfaces import NO_INTERSECTION, Cylinder, Disk, Plane
+from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
+
+__all__ = ["Particle", "MUON", "PION", "KAON", "PROTON", "PARTICLES", "FreeParameters", "Layer",
+           "PropagationOptions", "SCATTERING_MODES", "LayerHits", "JacobianRecord", "propagate_path",
+           "propagate_layers", "layers_vjp", "random_tracks", "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
+
+RUNNING, REACHED, MISSED = 0, 1, 2
+FREE_NAMES = ("x", "y", "z", "t", "tx", "ty", "tz", "qop")
+SCATTERING_MODES = ("none", "covariance", "sample")
+_TIME, _QOP = 3, 7
+# Free-parameter index of each in-loop tangent column (x, y, z, tx, ty, tz, q/p).
+_LOOP_TO_FREE = (0, 1, 2, 4, 5, 6, 7)
+
+
+@dataclass(frozen=True)
+class Particle:
+    """Particle hypothesis: mass [GeV] and absolute charge [e] (q/p carries the sign)."""
+
+    name: str
+    mass: float
+    charge: float = 1.0
+
+    def __post_init__(self):
+        if not self.mass > 0:
+            raise ValueError(f"particle mass must be positive (GeV), got {self.mass!r}")
+        if not self.charge > 0:
+            raise ValueError(f"particle charge is the absolute charge in e, must be positive, got {self.charge!r}")
+
+
+MUON = Particle("muon", MUON_MASS)
+PION = Particle("pion", PION_MASS)
+KAON = Particle("kaon", 0.493677)
+PROTON = Particle("proton", 0.93827208816)
+PARTICLES = {p.name: p for p in (MUON, PION, KAON, PROTON)}
+
+
+@dataclass
+class FreeParameters:
+    """Free track parameters, one lane per track (3-tuples of arrays for vectors)."""
+
+    position: tuple
+    time: object
+    direction: tuple
+    qop: object
+
+    @classmethod
+    def from_columns(cls, columns: Sequence) -> "FreeParameters":
+        """From the 8 columns (x, y, z, t, tx, ty, tz, q/p)."""
+        if len(columns) != 8:
+            raise ValueError(f"free parameters need 8 columns, got {len(columns)}")
+        return cls(tuple(columns[0:3]), columns[3], tuple(columns[4:7]), columns[7])
+
+    def columns(self) -> list:
+        return [*self.position, self.time, *self.direction, self.qop]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A detector layer: a surface (its position parameter is passed separately) and optional material."""
+
+    surface: Cylinder | Disk | Plane
+    material: Material | None = None
+
+
+@dataclass(frozen=True)
+class PropagationOptions:
+    """Stepping, navigation and material-effect settings.
+
+    energy_loss: apply the mean Bethe-Bloch loss at each hit layer (and its
+    straggling to the covariance). scattering: "none"; "covariance" (Highland
+    multiple scattering enters the covariance only); "sample" (the direction is
+    deflected by Gaussian angles, reparametrised so that derivatives flow through
+    theta0; the covariance then excludes it). Lengths in mm.
+    """
+
+    stepper: RK4 | AdaptiveRKN = RK4()
+    particle: Particle = MUON
+    energy_loss: bool = True
+    scattering: str = "covariance"
+    surface_tolerance: float = 1e-2
+    max_steps: int = 10000
+    max_path: float = 1e5
+    world_radius: float = math.inf
+    world_half_length: float = math.inf
+
+    def __post_init__(self):
+        if self.scattering not in SCATTERING_MODES:
+            raise ValueError(f"scattering must be one of {SCATTERING_MODES}, got {self.scattering!r}")
+        for name in ("surface_tolerance", "max_path", "world_radius", "world_half_length"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not (isinstance(self.max_steps, int) and self.max_steps > 0):
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+
+
+# ---------------------------------------------------------------- targets of one stepping loop
+
+
+class _SurfaceTarget:
+    """Stepping towards a surface with position parameter ``a``."""
+
+    def __init__(self, surface, a):
+        self.surface, self.a = surface, a
+
+    def level(self, r, s):
+        return self.surface.level(r, self.a)
+
+    def level_rate(self, r, t):
+        return self.surface.level_rate(r, t)
+
+    def line_distance(self, r, t, s, crossed):
+        return self.surface.line_distance(r, t, self.a, crossed)
+
+    def snap_distance(self, r, t, s, a):
+        return self.surface.snap_distance(r, t, a)
+
+
+class _PathTarget:
+    """Stepping a fixed path length."""
+
+    def __init__(self, length: float):
+        self.length = length
+
+    def level(self, r, s):
+        return s - self.length
+
+    def level_rate(self, r, t):
+        return 1.0 + 0.0 * t[0]
+
+    def line_distance(self, r, t, s, crossed):
+        return self.length - s
+
+    def snap_distance(self, r, t, s, a):
+        return self.length - s
+
+
+@dataclass
+class _Loop:
+    """State of the stepping loop (one lane per track)."""
+
+    r: tuple
+    t: tuple
+    s: object
+    h: object            # accuracy step size of the adaptive stepper (fixed for RK4)
+    iterations: object
+    status: object
+    crossed: object
+    approached: object
+    distance: object     # signed straight-line distance to the target
+    columns: list        # [(dr, dt)] tangent columns (empty without Jacobian)
+
+
+def _check(loop: _Loop, target, side, options: PropagationOptions, running):
+    """Update crossing/approach flags, the distance to the target and the status at the current point."""
+    level = target.level(loop.r, loop.s)
+    crossed = side * level < 0
+    approaching = side * target.level_rate(loop.r, loop.t) < 0
+    approached = loop.approached | approaching
+    distance = target.line_distance(loop.r, loop.t, loop.s, crossed)
+    reached = dr.abs(distance) < options.surface_tolerance
+    turned = approached & ~approaching & ~crossed
+    rho2 = loop.r[0] * loop.r[0] + loop.r[1] * loop.r[1]
+    outside = (rho2 > options.world_radius ** 2) | (dr.abs(loop.r[2]) > options.world_half_length)
+    missed = turned | outside | (loop.s > options.max_path) | (loop.iterations >= options.max_steps)
+    status = dr.select(running & reached, REACHED, dr.select(running & missed, MISSED, loop.status))
+    return crossed, approached, distance, status
+
+
+def _step_to_target(field, target, r, t, lam, options: PropagationOptions, columns=None, d_lambda_column=None):
+    """Run the stepping loop until every lane reached or missed its target.
+
+    ``columns``: list of :class:`TangentColumn` to carry (or None). Returns the final loop state.
+    """
+    types = types_of(r[0])
+    stepper = options.stepper
+    n = dr.width(r[0])
+    zero = dr.zeros(types.Float, n)
+    side = dr.select(target.level(r, zero) > 0, 1.0, -1.0)
+    metadata = [(c.d_lambda, c.field_parameter) for c in columns or []]
+    loop = _Loop(r=tuple(types.Float(v) + zero for v in r), t=tuple(types.Float(v) + zero for v in t), s=zero,
+                 h=zero + stepper.initial_step, iterations=dr.zeros(types.UInt32, n),
+                 status=dr.full(types.UInt32, RUNNING, n), crossed=dr.zeros(types.Bool, n),
+                 approached=dr.zeros(types.Bool, n), distance=zero,
+                 columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
+    running = loop.status == RUNNING
+    loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running)
+
+    def cond(loop):
+        return loop.status == RUNNING
+
+    def body(loop):
+        running = loop.status == RUNNING
+        limited = dr.abs(loop.distance) < loop.h
+        h = dr.select(limited, loop.distance, dr.select(loop.crossed, -loop.h, loop.h))
+        tangents = [TangentColumn(d_r, d_t, dl, fp) for (d_r, d_t), (dl, fp) in zip(loop.columns, metadata)]
+        r_new, t_new, error, new_columns = nystrom_step(field, stepper.tableau, loop.r, loop.t, lam, h,
+                                                        tangents if columns else None,
+                                                        error_estimate=stepper.adaptive)
+        if stepper.adaptive:
+            accept = (error <= stepper.tolerance) | (dr.abs(h) <= stepper.min_step)
+            h_next = stepper.next_step(dr.abs(h), error)
+            loop.h = dr.select(running & ~(accept & limited), h_next, loop.h)
+        else:
+            accept = True
+        advance = running & accept
+        loop.r = tuple(dr.select(advance, a, b) for a, b in zip(r_new, loop.r))
+        loop.t = tuple(dr.select(advance, a, b) for a, b in zip(t_new, loop.t))
+        loop.s = loop.s + dr.select(advance, h, 0.0)
+        if columns:
+            loop.columns = [(tuple(dr.select(advance, a, b) for a, b in zip(new.dr, d_r)),
+                             tuple(dr.select(advance, a, b) for a, b in zip(new.dt, d_t)))
+                            for new, (d_r, d_t) in zip(new_columns, loop.columns)]
+        loop.iterations = dr.select(running, loop.iterations + 1, loop.iterations)
+        loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running)
+        return (loop,)
+
+    dr.make_opaque(loop)  # literal start values would let the loop optimiser fold state variables away
+    (loop,) = dr.while_loop((loop,), cond, body)
+    return loop
+
+
+def _dense(vector, zero):
+    return tuple(zero + (0.0 if v is None else v) for v in vector)
+
+
+# ---------------------------------------------------------------- states with derivatives
+
+
+def _initial_columns(n_field: int) -> list[TangentColumn]:
+    """Identity tangents at the start of a segment: (x, y, z, tx, ty, tz, q/p) and the field parameters."""
+    columns = []
+    for i in range(3):
+        columns.append(TangentColumn(tuple(1.0 if j == i else None for j in range(3)), (None,) * 3))
+    for i in range(3):
+        columns.append(TangentColumn((None,) * 3, tuple(1.0 if j == i else None for j in range(3))))
+    columns.append(TangentColumn((None,) * 3, (None,) * 3, d_lambda=B_CURVATURE))
+    for g in range(n_field):
+        columns.append(TangentColumn((None,) * 3, (None,) * 3, field_parameter=g))
+    return columns
+
+
+def _segment_duals(loop: _Loop, n_columns: int, n_field: int):
+    """Duals of r and T at the end of the loop, over the layer columns (8 free, field, a, thickness)."""
+    free_columns = list(_LOOP_TO_FREE) + [8 + g for g in range(n_field)]
+
+    def dual(values, which):
+        duals = []
+        for i, v in enumerate(values):
+            tangents = [None] * n_columns
+            for column, (d_r, d_t) in zip(free_columns, loop.columns):
+                tangents[column] = (d_r, d_t)[which][i]
+            duals.append(dm.Dual(v, tangents))
+        return tuple(duals)
+
+    return dual(loop.r, 0), dual(loop.t, 1)
+
+
+def _inverse_speed(qop, particle: Particle):
+    """dt/ds = E / (p c) [ns/mm] from q/p (1/c for q/p = 0)."""
+    mass_over_charge = particle.mass / particle.charge
+    return dm.sqrt(1.0 + (mass_over_charge * mass_over_charge) * qop * qop) * (1.0 / SPEED_OF_LIGHT)
+
+
+def _snap(field, target, loop: _Loop, r, t, qop, t0, a, particle: Particle):
+    """Move the track (within tolerance of the target) onto it along its tangent.
+
+    r, t, qop, t0, a may be Duals: then the result carries the surface-projection
+    derivatives (d s = -(n . d r - d a) / (n . T) to first order, as ACTS).
+    Returns position, direction, path length of the segment and time.
+    """
+    d = target.snap_distance(r, t, loop.s, a)
+    b = field.evaluate(loop.r)
+    curvature = dm.cross(t, b)
+    lam = B_CURVATURE * qop
+    position = tuple(ri + ti * d for ri, ti in zip(r, t))
+    direction = dm.normalized(tuple(ti + (lam * ki) * d for ti, ki in zip(t, curvature)))
+    path = d + loop.s
+    time = t0 + _inverse_speed(qop, particle) * path
+    return position, direction, path, time
+
+
+# ---------------------------------------------------------------- fixed path (transport Jacobian)
+
+
+def propagate_path(params: FreeParameters, field, path_length: float, options: PropagationOptions, *,
+                   jacobian: bool = False):
+    """Propagate every track by ``path_length`` [mm] (no surfaces, no material).
+
+    Returns ``(final, jac, status)``: final :class:`FreeParameters`; ``jac`` (when
+    requested) the transport Jacobian as 8 rows x (8 + n_field) columns,
+    d final_i / d (initial free parameters, field parameters), with the direction
+    derivative taken at fixed (normalised) direction components; ``status``
+    REACHED or MISSED (max_steps / world volume) per lane.
+    """
+    if not path_length > 0:
+        raise ValueError(f"path_length must be positive (mm), got {path_length!r}")
+    n_field = len(field.names)
+    direction = dm.normalized(params.direction)
+    qop = params.qop
+    columns = _initial_columns(n_field) if jacobian else None
+    target = _PathTarget(path_length)
+    loop = _step_to_target(field, target, params.position, direction, B_CURVATURE * qop, options, columns)
+    n_columns = 8 + n_field + 1
+    if jacobian:
+        r, t = _segment_duals(loop, n_columns, n_field)
+        qop_d = dm.Dual.variable(qop, _QOP, n_columns)
+        t0 = dm.Dual.variable(params.time, _TIME, n_columns)
+    else:
+        r, t, qop_d, t0 = loop.r, loop.t, qop, params.time
+    position, direction, _, time = _snap(field, target, loop, r, t, qop_d, t0, 0.0, options.particle)
+    final = FreeParameters(position, time, direction, qop_d)
+    values = FreeParameters(*(_values(v) for v in (position, time, direction, qop_d)))
+    jac = None
+    if jacobian:
+        zero = dr.zeros(types_of(loop.s).Float, dr.width(loop.s))
+        jac = [[zero + (0.0 if tg is None else tg) for tg in row.tangents[:8 + n_field]] for row in final.columns()]
+    return values, jac, loop.status
+
+
+def _values(x):
+    if isinstance(x, tuple):
+        return tuple(dm.value(v) for v in x)
+    return dm.value(x)
+
+
+# ---------------------------------------------------------------- through layers
+
+
+@dataclass
+class JacobianRecord:
+    """Per-layer derivatives kept for the reverse sweep (see :func:`layers_vjp`).
+
+    ``hit[k]``: lanes that hit layer k. ``outputs[k]``: tangent rows (over the
+    layer columns: 8 free parameters after the previous hit, field parameters,
+    the layer's position parameter, its thickness) of the 8 free parameters on
+    the surface, the 2 local coordinates and the segment path length.
+    ``after[k]``: tangent rows of the 8 free parameters after the material.
+    ``direction_norm``: |input direction| (the input is normalised).
+    """
+
+    n_field: int
+    hit: list = dataclass_field(default_factory=list)
+    outputs: list = dataclass_field(default_factory=list)
+    after: list = dataclass_field(default_factory=list)
+    direction: tuple = ()
+    direction_norm: object = None
+
+
+@dataclass
+class LayerHits:
+    """Per-layer results (lists over layers; arrays over tracks).
+
+    free: 8 arrays (state on the surface, before its material); local: 2 arrays;
+    path: path length from the start [mm]; valid: Bool; covariance: 8x8 arrays of
+    the free covariance on the surface (when requested); local_covariance: 2x2.
+    """
+
+    free: list
+    local: list
+    path: list
+    valid: list
+    covariance: list | None = None
+    local_covariance: list | None = None
+    record: JacobianRecord | None = None
+
+
+def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], positions, thickness,
+                     options: PropagationOptions, *, jacobian: bool = False, covariance=None,
+                     seed: int = 0) -> LayerHits:
+    """Propagate tracks through ``layers`` in order (see the module docstring).
+
+    positions, thickness: arrays with one entry per layer (surface position
+    parameter [mm], material thickness [mm]); ``covariance``: initial 8x8 free
+    covariance (list of lists of arrays) to transport, or None for no covariance
+    output; ``jacobian``: keep the per-layer Jacobians for :func:`layers_vjp`.
+    ``seed``: random numbers for ``scattering="sample"`` (per lane and layer).
+    """
+    types = types_of(params.qop)
+    n = dr.width(params.qop)
+    for v in params.columns():
+        n = max(n, dr.width(v))
+    zero = dr.zeros(types.Float, n)
+    n_field = len(field.names)
+    n_columns = 8 + n_field + 2
+    column_a, column_thickness = 8 + n_field, 9 + n_field
+    particle = options.particle
+    derivatives = jacobian or covariance is not None
+
+    norm = dm.sqrt(dm.dot(params.direction, params.direction))
+    state = FreeParameters(tuple(v + zero for v in params.position), params.time + zero,
+                           tuple(v / norm + zero for v in params.direction), params.qop + zero)
+    dr.eval(state)
+    alive = dr.full(types.Bool, True, n)
+    path_total = zero
+    record = JacobianRecord(n_field, direction=state.direction, direction_norm=norm + zero) if jacobian else None
+    cov = [[covariance[i][j] + zero for j in range(8)] for i in range(8)] if covariance is not None else None
+    hits = LayerHits(free=[], local=[], path=[], valid=[],
+                     covariance=[] if cov is not None else None,
+                     local_covariance=[] if cov is not None else None, record=record)
+
+    for k, layer in enumerate(layers):
+        index = dr.opaque(types.UInt32, k)  # not a literal: layers of the same kind share compiled kernels
+        a = dr.gather(types.Float, positions, index)
+        thick = dr.gather(types.Float, thickness, index)
+        target = _SurfaceTarget(layer.surface, a)
+        lam = B_CURVATURE * state.qop
+        columns = _initial_columns(n_field) if derivatives else None
+        loop = _step_to_target(field, target, state.position, state.direction, lam, options, columns)
+        dr.eval(loop)
+        if derivatives:
+            r, t = _segment_duals(loop, n_columns, n_field)
+            qop = dm.Dual.variable(state.qop, _QOP, n_columns)
+            t0 = dm.Dual.variable(state.time, _TIME, n_columns)
+            a_var = dm.Dual.variable(a, column_a, n_columns)
+            thick_var = dm.Dual.variable(thick, column_thickness, n_columns)
+        else:
+            r, t, qop, t0, a_var, thick_var = loop.r, loop.t, state.qop, state.time, a, thick
+        position, direction, path, time = _snap(field, target, loop, r, t, qop, t0, a_var, particle)
+        local = layer.surface.local(position, a_var)
+        position_v = _values(position)
+        hit = alive & (loop.status == REACHED) & layer.surface.in_bounds(position_v, a)
+
+        surface_state = [*position, time, *direction, qop]
+        after_state = list(surface_state)
+        interaction = None
+        if layer.material is not None:
+            deflection = None
+            if options.scattering == "sample":
+                rng = types.rng(n, seed, stream=k)
+                dr.make_opaque(rng)  # the seed must not be compiled into the layer's kernel
+                deflection = (types.normal(rng), types.normal(rng))
+            interaction = interact(direction, qop, layer.surface.normal(position_v), thick_var, layer.material,
+                                   particle.mass, particle.charge, energy_loss=options.energy_loss,
+                                   deflection=deflection)
+            after_state[4:7] = interaction.direction
+            after_state[7] = interaction.qop
+
+        # Outputs of this layer (zero where missed).
+        surface_values = [dm.value(v) for v in surface_state]
+        hits.free.append([dr.select(hit, v, 0.0) for v in surface_values])
+        hits.local.append([dr.select(hit, dm.value(v), 0.0) for v in local])
+        hits.path.append(dr.select(hit, path_total + dm.value(path), 0.0))
+        hits.valid.append(hit)
+
+        if cov is not None:
+            cov = _transport_covariance(cov, surface_state, after_state, local, interaction, options, hit,
+                                        hits, zero)
+        if record is not None:
+            record.hit.append(hit)
+            record.outputs.append([_tangents(v, n_columns) for v in (*surface_state, *local, path)])
+            record.after.append([_tangents(v, n_columns) for v in after_state])
+
+        # Advance the lanes that hit; the others keep their state.
+        after_values = [dm.value(v) for v in after_state]
+        new = [dr.select(hit, v, old) for v, old in zip(after_values, state.columns())]
+        state = FreeParameters.from_columns(new)
+        path_total = dr.select(hit, path_total + dm.value(path), path_total)
+        if interaction is not None:
+            alive = alive & ~(hit & interaction.stopped)
+        _evaluate_layer(hits, record, state, path_total, alive, cov)
+    return hits
+
+
+def _tangents(x, n_columns: int) -> list:
+    return x.tangents if isinstance(x, dm.Dual) else [None] * n_columns
+
+
+def _evaluate_layer(hits: LayerHits, record, state, path_total, alive, cov) -> None:
+    """Evaluate this layer's outputs and the carried state (one kernel per layer)."""
+    arrays = [hits.free[-1], hits.local[-1], hits.path[-1], hits.valid[-1], state.columns(), path_total, alive]
+    if cov is not None:
+        arrays += [cov, hits.covariance[-1], hits.local_covariance[-1]]
+    if record is not None:
+        arrays += [[t for row in record.outputs[-1] + record.after[-1] for t in row if _is_array(t)]]
+    dr.eval(arrays)
+
+
+def _is_array(x) -> bool:
+    return x is not None and not isinstance(x, float)
+
+
+def _jacobian_matrix(rows, n: int, zero):
+    """First n tangent columns of Dual rows as a dense list of lists (zeros for structural zeros)."""
+    return [[zero + (0.0 if tg is None else tg) for tg in _tangents(row, n)[:n]] if isinstance(row, dm.Dual)
+            else [zero] * n for row in rows]
+
+
+def _sandwich(jac, cov):
+    """J C J^T for dense lists of lists."""
+    rows, inner = len(jac), len(cov)
+    jc = [[sum(jac[i][m] * cov[m][j] for m in range(inner)) for j in range(inner)] for i in range(rows)]
+    return [[sum(jc[i][m] * jac[j][m] for m in range(inner)) for j in range(rows)] for i in range(rows)]
+
+
+def _transport_covariance(cov, surface_state, after_state, local, interaction, options, hit, hits: LayerHits, zero):
+    """Free covariance on the surface (output) and after the layer's material (carried on)."""
+    on_surface = _sandwich(_jacobian_matrix(surface_state, 8, zero), cov)
+    local_cov = _sandwich(_jacobian_matrix(local, 8, zero), cov)
+    after = _sandwich(_jacobian_matrix(after_state, 8, zero), cov)
+    if interaction is not None:
+        t = [dm.value(v) for v in after_state[4:7]]
+        if options.scattering == "covariance":
+            for i in range(3):
+                for j in range(3):
+                    identity = 1.0 if i == j else 0.0
+                    after[4 + i][4 + j] = after[4 + i][4 + j] + interaction.theta0_squared * (identity - t[i] * t[j])
+        if options.energy_loss:
+            after[7][7] = after[7][7] + interaction.qop_variance
+    hits.covariance.append([[dr.select(hit, v, 0.0) for v in row] for row in on_surface])
+    hits.local_covariance.append([[dr.select(hit, v, 0.0) for v in row] for row in local_cov])
+    return [[dr.select(hit, a, c) for a, c in zip(row_a, row_c)] for row_a, row_c in zip(after, cov)]
+
+
+def layers_vjp(record: JacobianRecord, grad_free: list, grad_local: list, grad_path: list):
+    """Reverse sweep over layers: J^T g for the outputs of :func:`propagate_layers`.
+
+    grad_free[k] (8 arrays), grad_local[k] (2), grad_path[k] (1 array) are the
+    gradients of a scalar loss with respect to the layer outputs. Returns
+    ``(grad_initial, grad_field, grad_positions, grad_thickness)``: 8 per-lane
+    arrays for the initial free parameters (direction: with respect to the
+    un-normalised input), and per-lane contributions for the field parameters
+    (list of n_field arrays) and each layer's position and thickness (lists over
+    layers), to be summed over lanes by the caller.
+    """
+    n_field = record.n_field
+    n_columns = 8 + n_field + 2
+    zero = record.direction_norm * 0.0
+    adjoint = [zero] * 8                 # d loss / d (free parameters after the current layer)
+    adjoint_path = zero                  # d loss / d (path length of the current segment)
+    grad_field = [zero] * n_field
+    n_layers = len(record.hit)
+    grad_positions, grad_thickness = [zero] * n_layers, [zero] * n_layers
+    for k in reversed(range(n_layers)):
+        hit = record.hit[k]
+        adjoint_path = adjoint_path + dr.select(hit, grad_path[k], 0.0)
+        weights = list(adjoint) + list(grad_free[k]) + list(grad_local[k]) + [adjoint_path]
+        rows = record.after[k] + record.outputs[k]
+        column_grad = [zero] * n_columns
+        for weight, row in zip(weights, rows):
+            for j, tg in enumerate(row):
+                if tg is not None:
+                    column_grad[j] = dr.fma(weight, tg, column_grad[j])
+        adjoint = [dr.select(hit, column_grad[j], adjoint[j]) for j in range(8)]
+        for g in range(n_field):
+            grad_field[g] = grad_field[g] + dr.select(hit, column_grad[8 + g], 0.0)
+        grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
+        grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
+        dr.eval(adjoint, adjoint_path, grad_field, grad_positions[k], grad_thickness[k])
+    # The input direction d is normalised: d T / d d = (I - T T^T) / |d|.
+    t = record.direction
+    g_t = adjoint[4:7]
+    along = dm.dot(t, g_t)
+    adjoint[4:7] = [(g - along * ti) / record.direction_norm for g, ti in zip(g_t, t)]
+    return adjoint, grad_field, grad_positions, grad_thickness
+
+
+# ---------------------------------------------------------------- generated tracks (standalone runs)
+
+
+def random_tracks(types: KernelTypes, n: int, seed: int, *, pt_range=(1.0, 10.0), eta_max: float = 1.0,
+                  vertex_sigma=(0.0, 0.0, 0.0), charge: float = 1.0) -> FreeParameters:
+    """Tracks from a (Gaussian-smeared) origin: pT uniform in pt_range [GeV], eta uniform in
+    [-eta_max, eta_max], phi uniform, charge sign +-1 with equal probability, t = 0."""
+    if not 0 < pt_range[0] <= pt_range[1]:
+        raise ValueError(f"pt_range must satisfy 0 < min <= max, got {pt_range}")
+    if not eta_max >= 0:
+        raise ValueError(f"eta_max must be >= 0, got {eta_max}")
+    rng = types.rng(n, seed, stream=1000)
+    pt = pt_range[0] + (pt_range[1] - pt_range[0]) * types.uniform(rng)
+    eta = eta_max * (2.0 * types.uniform(rng) - 1.0)
+    phi = 2.0 * math.pi * types.uniform(rng)
+    sign = dr.select(types.uniform(rng) < 0.5, -1.0, 1.0)
+    theta = 2.0 * dr.atan(dr.exp(-eta))
+    p = pt / dr.sin(theta)
+    direction = (dr.sin(theta) * dr.cos(phi), dr.sin(theta) * dr.sin(phi), dr.cos(theta))
+    position = tuple(s * types.normal(rng) for s in vertex_sigma)
+    return FreeParameters(position, dr.zeros(types.Float, n), direction, sign * charge / p)

@@ -1,0 +1,467 @@
+"""Differentiable charged-particle propagation as torch modules.
+
+The physics lives in :mod:`pyhybrid.kernels.propagation` and its neighbours
+(Dr.Jit); these modules validate inputs, hold the differentiable detector and
+field parameters as ``nn.Parameter`` s and call the kernels through
+:func:`pyhybrid.engine.kernel_function`. The backward pass is J^T g with the
+transport Jacobians that the forward pass carries in forward mode (as ACTS),
+never reverse-mode AD through the stepping loop: memory O(tracks x layers),
+independent of the number of steps.
+
+Units: mm, ns, GeV, Tesla, charge in e. Track parameters are ACTS free
+parameters, a tensor ``(N, 8)``: (x, y, z, t, dx, dy, dz, q/p). Directions are
+normalised (their length must be positive); q/p = 0 is a neutral track
+(straight line, no material effects).
+
+Quick start::
+
+    import torch
+    from pyhybrid.nn.propagator import Propagator, SolenoidField, CylinderLayer, free_parameters
+
+    layers = [CylinderLayer(radius=r, half_length=600.0, thickness=0.3) for r in (40, 80, 120, 250, 400)]
+    prop = Propagator(field=SolenoidField(b0=2.0), layers=layers, trainable_positions=True)
+    params = free_parameters(vertex, momentum, charge)         # (N, 8), differentiable
+    out = prop(params)                                         # PropagationResult
+    loss = ((out.local - measured) ** 2 * out.valid[..., None]).sum()
+    loss.backward()                                            # grads: params, field, radii
+
+Modules: :class:`Propagator`; fields :class:`UniformField`, :class:`SolenoidField`,
+:class:`GridField` (also a standalone differentiable field-map lookup);
+layer specs :class:`CylinderLayer`, :class:`DiskLayer`, :class:`PlaneLayer`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import drjit as dr
+import torch
+from torch import nn
+
+from pyhybrid.engine import check_tensor, kernel_function, types_for
+from pyhybrid.kernels import fields as kfields
+from pyhybrid.kernels import propagation as kprop
+from pyhybrid.kernels.backend import types_of
+from pyhybrid.kernels.material import MATERIALS, Material, SILICON
+from pyhybrid.kernels.steppers import RK4, AdaptiveRKN
+from pyhybrid.kernels.surfaces import Cylinder, Disk, Plane
+
+__all__ = ["Propagator", "PropagationResult", "UniformField", "SolenoidField", "GridField", "CylinderLayer",
+           "DiskLayer", "PlaneLayer", "barrel", "free_parameters", "RK4", "AdaptiveRKN", "SILICON"]
+
+
+# ---------------------------------------------------------------- fields
+
+
+def _scalar_parameter(value: float, requires_grad: bool) -> nn.Parameter:
+    return nn.Parameter(torch.tensor(float(value), dtype=torch.float64), requires_grad=requires_grad)
+
+
+class UniformField(nn.Module):
+    """Uniform field ``b`` = (bx, by, bz) [T]; ``b`` is an ``nn.Parameter`` (frozen unless requires_grad)."""
+
+    kind = "uniform"
+
+    def __init__(self, b: Sequence[float] = (0.0, 0.0, 2.0), *, requires_grad: bool = False):
+        super().__init__()
+        b = torch.as_tensor(b, dtype=torch.float64)
+        check_tensor(b, "b", shape=(3,))
+        self.b = nn.Parameter(b.clone(), requires_grad=requires_grad)
+
+    def parameter_vector(self) -> torch.Tensor:
+        return self.b
+
+    def check(self) -> None:
+        check_tensor(self.b.detach(), "UniformField.b")
+
+    def kernel_field(self, device, dtype):
+        return lambda p: kfields.UniformField(*_gather_all(p, 3))
+
+
+class SolenoidField(nn.Module):
+    """Finite solenoid with fringe field (paraxial model, see :class:`pyhybrid.kernels.fields.SolenoidField`).
+
+    b0: central field [T]; radius: coil radius R [mm]; half_length: L [mm] (defaults: a 2 T
+    solenoid of R = 1.2 m and L = 3 m). All three are ``nn.Parameter`` s (frozen unless
+    ``requires_grad``).
+    """
+
+    kind = "solenoid"
+
+    def __init__(self, b0: float = 2.0, radius: float = 1200.0, half_length: float = 3000.0, *,
+                 requires_grad: bool = False):
+        super().__init__()
+        self.b0 = _scalar_parameter(b0, requires_grad)
+        self.radius = _scalar_parameter(radius, requires_grad)
+        self.half_length = _scalar_parameter(half_length, requires_grad)
+        self.check()
+
+    def parameter_vector(self) -> torch.Tensor:
+        return torch.stack([self.b0, self.radius, self.half_length])
+
+    def check(self) -> None:
+        for name in ("b0", "radius", "half_length"):
+            check_tensor(getattr(self, name).detach(), f"SolenoidField.{name}")
+        if not (self.radius.item() > 0 and self.half_length.item() > 0):
+            raise ValueError(f"SolenoidField radius and half_length must be positive (mm), got "
+                             f"{self.radius.item()} and {self.half_length.item()}")
+
+    def kernel_field(self, device, dtype):
+        return lambda p: kfields.SolenoidField(*_gather_all(p, 3))
+
+
+class GridField(nn.Module):
+    """Field map on a regular grid, trilinear interpolation, times ``scale``.
+
+    values: tensor (nx, ny, nz, 3) [T] at nodes origin + (i, j, k) * spacing [mm];
+    ``trainable_values`` makes it an ``nn.Parameter``. Calling the module,
+    ``field(points)`` with points (N, 3), returns B (N, 3), differentiable with
+    respect to the values, ``scale`` and the points. Inside a :class:`Propagator`
+    the gradient flows to ``scale`` and to the track parameters (the transport
+    uses dB/dr of the interpolation); gradients with respect to individual map
+    values through propagation are not provided (they would need the adjoint of
+    the whole trajectory).
+    """
+
+    kind = "grid"
+
+    def __init__(self, values: torch.Tensor, origin: Sequence[float], spacing: Sequence[float], *,
+                 scale: float = 1.0, trainable_values: bool = False, trainable_scale: bool = False):
+        super().__init__()
+        values = torch.as_tensor(values)
+        check_tensor(values, "values", shape=(None, None, None, 3))
+        if min(values.shape[:3]) < 2:
+            raise ValueError(f"values needs at least 2 nodes per axis, got shape {tuple(values.shape)}")
+        self.shape = tuple(values.shape[:3])
+        self.origin = tuple(float(o) for o in origin)
+        self.spacing = tuple(float(s) for s in spacing)
+        if len(self.origin) != 3 or len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"origin needs 3 values and spacing 3 positive values (mm), got "
+                             f"{self.origin}, {self.spacing}")
+        flat = values.reshape(-1, 3).clone()
+        if trainable_values:
+            self.values = nn.Parameter(flat)
+        else:
+            self.register_buffer("values", flat)
+        self.scale = _scalar_parameter(scale, trainable_scale)
+
+    def parameter_vector(self) -> torch.Tensor:
+        return self.scale.reshape(1)
+
+    def check(self) -> None:
+        check_tensor(self.scale.detach(), "GridField.scale")
+
+    def _kernel(self, values):
+        return lambda p: kfields.GridField(values, self.shape, self.origin, self.spacing, _gather_all(p, 1)[0])
+
+    def kernel_field(self, device, dtype):
+        values = self.values.detach().to(device=device, dtype=dtype).contiguous()
+        types = types_for(device, dtype)
+        columns = [types.Float(values[:, c].contiguous()) for c in range(3)]
+        return self._kernel(columns)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """B [T] at points (N, 3) [mm]; zero outside the grid."""
+        check_tensor(points, "points", shape=(None, 3))
+        values = self.values.to(device=points.device, dtype=points.dtype)
+        scale = self.scale.to(device=points.device, dtype=points.dtype).reshape(1)
+        return _FIELD_LOOKUP(points, values, scale, grid=self)
+
+
+def _grid_lookup_kernel(points, values, scale, *, grid: GridField):
+    field = kfields.GridField(values, grid.shape, grid.origin, grid.spacing, dr.gather(type(scale), scale, 0))
+    return list(field.evaluate(points))
+
+
+_FIELD_LOOKUP = kernel_function(_grid_lookup_kernel)
+
+
+def _gather_all(array, n: int) -> list:
+    """The n entries of a Dr.Jit array as width-1 arrays."""
+    UInt32 = dr.uint32_array_t(type(array))
+    return [dr.gather(type(array), array, UInt32(i)) for i in range(n)]
+
+
+# ---------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class CylinderLayer:
+    """Barrel layer: cylinder of ``radius`` [mm] around z, |z| <= half_length, ``thickness`` [mm] of ``material``."""
+
+    radius: float
+    half_length: float = math.inf
+    thickness: float = 0.3
+    material: Material | str | None = SILICON
+
+    def kernel_layer(self):
+        return kprop.Layer(Cylinder(self.half_length), _material(self.material)), self.radius
+
+
+@dataclass(frozen=True)
+class DiskLayer:
+    """Endcap layer: disk at ``z`` [mm], r_min <= rho <= r_max."""
+
+    z: float
+    r_min: float = 0.0
+    r_max: float = math.inf
+    thickness: float = 0.3
+    material: Material | str | None = SILICON
+
+    def kernel_layer(self):
+        return kprop.Layer(Disk(r_min=self.r_min, r_max=self.r_max), _material(self.material)), self.z
+
+
+@dataclass(frozen=True)
+class PlaneLayer:
+    """Plane n . r = ``offset`` [mm] with unit ``normal``, local axis ``u_axis`` and rectangular bounds."""
+
+    offset: float
+    normal: tuple = (1.0, 0.0, 0.0)
+    u_axis: tuple = (0.0, 1.0, 0.0)
+    half_u: float = math.inf
+    half_v: float = math.inf
+    center: tuple = (0.0, 0.0)
+    thickness: float = 0.3
+    material: Material | str | None = SILICON
+
+    def kernel_layer(self):
+        surface = Plane(normal_vector=self.normal, u_axis=self.u_axis, half_u=self.half_u, half_v=self.half_v,
+                        center=self.center)
+        return kprop.Layer(surface, _material(self.material)), self.offset
+
+
+def _material(material):
+    if material is None:
+        return None
+    if isinstance(material, str):
+        if material not in MATERIALS:
+            raise ValueError(f"unknown material {material!r}; known: {sorted(MATERIALS)}")
+        material = MATERIALS[material]
+    return material
+
+
+def barrel(radii: Sequence[float], *, half_length: float | Sequence[float] = math.inf, thickness: float = 0.3,
+           material: Material | str | None = SILICON) -> list[CylinderLayer]:
+    """Cylindrical barrel layers at ``radii`` [mm] (one half-length for all or one per layer)."""
+    lengths = [half_length] * len(radii) if isinstance(half_length, (int, float)) else list(half_length)
+    if len(lengths) != len(radii):
+        raise ValueError(f"half_length needs one value per radius ({len(radii)}), got {len(lengths)}")
+    return [CylinderLayer(float(r), float(h), thickness, material) for r, h in zip(radii, lengths)]
+
+
+# ---------------------------------------------------------------- the propagator
+
+
+@dataclass
+class PropagationResult:
+    """Outputs of :class:`Propagator` for N tracks and L layers (zeros where ``valid`` is False).
+
+    free: (N, L, 8) free parameters on each layer's surface, before its material;
+    local: (N, L, 2) local hit coordinates (cylinder: R phi, z [mm]; disk: rho [mm], phi;
+    plane: u, v [mm]); path_length: (N, L) path from the start [mm]; valid: (N, L) bool;
+    covariance: (N, L, 8, 8) free covariance on the surface and local_covariance (N, L, 2, 2)
+    when requested (not differentiable).
+    """
+
+    free: torch.Tensor
+    local: torch.Tensor
+    path_length: torch.Tensor
+    valid: torch.Tensor
+    covariance: torch.Tensor | None = None
+    local_covariance: torch.Tensor | None = None
+
+    @property
+    def position(self) -> torch.Tensor:
+        """(N, L, 3) global hit positions [mm]."""
+        return self.free[..., 0:3]
+
+    @property
+    def time(self) -> torch.Tensor:
+        return self.free[..., 3]
+
+    @property
+    def direction(self) -> torch.Tensor:
+        return self.free[..., 4:7]
+
+    @property
+    def qop(self) -> torch.Tensor:
+        return self.free[..., 7]
+
+
+class Propagator(nn.Module):
+    """Propagate tracks through a field and a list of detector layers (a torch layer).
+
+    Parameters
+    ----------
+    field: :class:`UniformField`, :class:`SolenoidField` or :class:`GridField`.
+    layers: list of :class:`CylinderLayer`, :class:`DiskLayer`, :class:`PlaneLayer`,
+        visited in this order (see :mod:`pyhybrid.kernels.propagation` for the navigation rules).
+    stepper: :class:`RK4` (fixed step) or :class:`AdaptiveRKN` (ACTS-style error control).
+    particle: "muon", "pion", "kaon", "proton" or a :class:`pyhybrid.kernels.propagation.Particle`.
+    energy_loss: mean Bethe-Bloch loss at each hit layer.
+    scattering: "none", "covariance" (Highland MS in the covariance only) or "sample"
+        (random deflection with reparametrised noise; gradients flow through theta0).
+    trainable_positions / trainable_thickness: make the layer positions (cylinder radii,
+        disk z, plane offsets) [mm] / material thicknesses [mm] trainable: ``self.positions``
+        and ``self.thickness`` are ``nn.Parameter`` s of shape (L,) either way.
+    surface_tolerance, max_steps, max_path, world_radius, world_half_length: navigation
+        limits (mm), see :class:`pyhybrid.kernels.propagation.PropagationOptions`.
+    """
+
+    def __init__(self, field: nn.Module, layers: Sequence, *, stepper: RK4 | AdaptiveRKN = RK4(),
+                 particle: str | kprop.Particle = "muon", energy_loss: bool = True, scattering: str = "covariance",
+                 trainable_positions: bool = False, trainable_thickness: bool = False,
+                 surface_tolerance: float = 1e-2, max_steps: int = 10000, max_path: float = 1e5,
+                 world_radius: float = math.inf, world_half_length: float = math.inf):
+        super().__init__()
+        if not isinstance(field, (UniformField, SolenoidField, GridField)):
+            raise TypeError(f"field must be a UniformField, SolenoidField or GridField, got {type(field).__name__}")
+        if not layers:
+            raise ValueError("layers must contain at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, (CylinderLayer, DiskLayer, PlaneLayer)):
+                raise TypeError(f"layers[{i}] must be a CylinderLayer, DiskLayer or PlaneLayer, got "
+                                f"{type(layer).__name__}")
+        if isinstance(particle, str):
+            if particle not in kprop.PARTICLES:
+                raise ValueError(f"unknown particle {particle!r}; known: {sorted(kprop.PARTICLES)}")
+            particle = kprop.PARTICLES[particle]
+        if not isinstance(stepper, (RK4, AdaptiveRKN)):
+            raise TypeError(f"stepper must be RK4(...) or AdaptiveRKN(...), got {type(stepper).__name__}")
+        self.field = field
+        built = [layer.kernel_layer() for layer in layers]
+        self.kernel_layers = tuple(b[0] for b in built)
+        self.positions = nn.Parameter(torch.tensor([b[1] for b in built], dtype=torch.float64),
+                                      requires_grad=trainable_positions)
+        self.thickness = nn.Parameter(torch.tensor([float(layer.thickness) for layer in layers], dtype=torch.float64),
+                                      requires_grad=trainable_thickness)
+        self.options = kprop.PropagationOptions(
+            stepper=stepper, particle=particle, energy_loss=energy_loss, scattering=scattering,
+            surface_tolerance=surface_tolerance, max_steps=max_steps, max_path=max_path,
+            world_radius=world_radius, world_half_length=world_half_length)
+        self._check_geometry()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.kernel_layers)
+
+    def _check_geometry(self) -> None:
+        check_tensor(self.positions.detach(), "positions")
+        check_tensor(self.thickness.detach(), "thickness")
+        for k, layer in enumerate(self.kernel_layers):
+            if layer.surface.kind == "cylinder" and not self.positions[k].item() > 0:
+                raise ValueError(f"positions[{k}]: cylinder radius must be positive (mm), got {self.positions[k].item()}")
+        if bool((self.thickness < 0).any()):
+            raise ValueError(f"thickness must be >= 0 (mm), got {self.thickness.tolist()}")
+        for k, layer in enumerate(self.kernel_layers):
+            if layer.material is not None and not self.thickness[k].item() > 0:
+                raise ValueError(f"layer {k} has material {layer.material.name} but thickness "
+                                 f"{self.thickness[k].item()}; give a positive thickness or material=None")
+
+    def forward(self, params: torch.Tensor, covariance: torch.Tensor | None = None, *,
+                seed: int | None = None) -> PropagationResult:
+        """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p) through the layers.
+
+        covariance: optional (N, 8, 8) initial free covariance to transport.
+        seed: random numbers for scattering="sample" (default: drawn from torch's generator).
+        """
+        check_tensor(params, "params", shape=(None, 8))
+        if params.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"params must have dtype torch.float32 or torch.float64, got {params.dtype}")
+        if params.shape[0] == 0:
+            raise ValueError("params must contain at least one track")
+        if not bool((params[:, 4:7].detach().norm(dim=1) > 0).all()):
+            raise ValueError("params[:, 4:7] (direction) must have positive length; directions are normalised")
+        self.field.check()
+        self._check_geometry()
+        like = dict(device=params.device, dtype=params.dtype)
+        field_params = self.field.parameter_vector().to(**like)
+        positions, thickness = self.positions.to(**like), self.thickness.to(**like)
+        inputs = [params, field_params, positions, thickness]
+        if covariance is not None:
+            check_tensor(covariance, "covariance", shape=(params.shape[0], 8, 8), dtype=params.dtype,
+                         device=params.device)
+            inputs.append(covariance.reshape(-1, 64))
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if self.options.scattering == "sample" else 0
+        jacobian = torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:4])
+        outputs = _PROPAGATE(*inputs, layers=self.kernel_layers, options=self.options,
+                             field_factory=self.field.kernel_field(params.device, params.dtype),
+                             jacobian=jacobian, seed=seed, with_covariance=covariance is not None)
+        n, n_layers = params.shape[0], self.n_layers
+        result = PropagationResult(free=outputs[0].reshape(n, n_layers, 8),
+                                   local=outputs[1].reshape(n, n_layers, 2),
+                                   path_length=outputs[2].reshape(n, n_layers),
+                                   valid=outputs[3].detach().reshape(n, n_layers) > 0.5)
+        if covariance is not None:
+            result.covariance = outputs[4].detach().reshape(n, n_layers, 8, 8)
+            result.local_covariance = outputs[5].detach().reshape(n, n_layers, 2, 2)
+        return result
+
+
+def _propagate_kernel(params, field_params, positions, thickness, covariance=None, *, layers, options,
+                      field_factory, jacobian, seed, with_covariance):
+    state = kprop.FreeParameters.from_columns(list(params))
+    field = field_factory(field_params)
+    initial_cov = None
+    if with_covariance:
+        initial_cov = [[covariance[8 * i + j] for j in range(8)] for i in range(8)]
+    hits = kprop.propagate_layers(state, field, layers, positions, thickness, options, jacobian=jacobian,
+                                  covariance=initial_cov, seed=seed)
+    Float = types_of(state.qop).Float
+    outputs = [[c for layer in hits.free for c in layer], [c for layer in hits.local for c in layer],
+               list(hits.path), [dr.select(v, Float(1.0), Float(0.0)) for v in hits.valid]]
+    if with_covariance:
+        outputs.append([c for layer in hits.covariance for row in layer for c in row])
+        outputs.append([c for layer in hits.local_covariance for row in layer for c in row])
+    return tuple(outputs), hits.record
+
+
+def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field_factory, jacobian, seed,
+                   with_covariance):
+    if record is None:
+        raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
+    n_layers = len(layers)
+    grad_free, grad_local, grad_path = grad_outputs[0], grad_outputs[1], grad_outputs[2]
+    per_layer_free = [list(grad_free[8 * k: 8 * k + 8]) for k in range(n_layers)]
+    per_layer_local = [list(grad_local[2 * k: 2 * k + 2]) for k in range(n_layers)]
+    initial, field, positions, thickness = kprop.layers_vjp(record, per_layer_free, per_layer_local,
+                                                            list(grad_path))
+
+    def summed(arrays):
+        return torch.stack([_lane_sum(a) for a in arrays])
+
+    grads = [tuple(initial), summed(field), summed(positions), summed(thickness)]
+    if with_covariance:
+        grads.append(None)
+    return tuple(grads)
+
+
+def _lane_sum(array) -> torch.Tensor:
+    total = dr.sum(array)
+    dr.eval(total)
+    return total.torch().reshape(())
+
+
+_PROPAGATE = kernel_function(_propagate_kernel, vjp=_propagate_vjp)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torch.Tensor | float,
+                    time: torch.Tensor | None = None) -> torch.Tensor:
+    """ACTS free parameters (N, 8) from positions (N, 3) [mm], momenta (N, 3) [GeV] and charges (N,) [e].
+
+    Differentiable torch code: q/p = charge / |p|, direction = p / |p|, time 0 unless given [ns].
+    """
+    check_tensor(position, "position", shape=(None, 3))
+    check_tensor(momentum, "momentum", shape=(position.shape[0], 3), dtype=position.dtype, device=position.device)
+    p = momentum.norm(dim=1)
+    if not bool((p > 0).all()):
+        raise ValueError("momentum must be non-zero for every track")
+    charge = torch.as_tensor(charge, dtype=position.dtype, device=position.device).expand(position.shape[0])
+    time = torch.zeros_like(p) if time is None else time
+    return torch.cat([position, time[:, None], momentum / p[:, None], (charge / p)[:, None]], dim=1)

@@ -178,9 +178,10 @@ def test_differential_cross_section_normalisation():
 
 def test_gmu_scheme_alpha_and_gradient():
     module = MatrixElement("ee_mumu", gf=GF).double()
-    assert float(module.effective_alpha().detach()) == pytest.approx(alpha_from_gf(GF, DEFAULTS.mz, DEFAULTS.sin2_theta_w))
+    alpha = float(module.effective_alpha().detach())
+    assert alpha == pytest.approx(alpha_from_gf(GF, DEFAULTS.mz, DEFAULTS.sin2_theta_w))
     momenta = _momenta("ee_mumu", 8)
-    reference = MatrixElement("ee_mumu", alpha=float(module.effective_alpha())).double()
+    reference = MatrixElement("ee_mumu", alpha=alpha).double()
     torch.testing.assert_close(module(momenta), reference(momenta), rtol=1e-12, atol=0)
     module(momenta).sum().backward()
     assert module.gf.grad is not None and module.gf.grad.item() > 0

@@ -17,7 +17,6 @@ import pytest
 
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.electroweak import FERMIONS, SMParameters
-from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import get_process
 from pyhybrid.kernels.phase_space import incoming_momenta, rambo, two_body
 

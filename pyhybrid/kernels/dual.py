@@ -14,7 +14,7 @@ All helpers accept plain values as well, so code written once with them runs
 on plain Dr.Jit arrays (values only) or on Duals (values and derivatives).
 Dr.Jit arrays do not defer to other types in binary operators: in mixed
 expressions keep the Dual on the left of a Dr.Jit array (Python floats may be
-on either side). No torch here.
+on either side), or use :func:`multiply`, :func:`add`, :func:`subtract` (``dot``/``cross`` do). No torch here.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Sequence
 import drjit as dr
 
 __all__ = ["Dual", "value", "tangent", "sqrt", "exp", "log", "atan2", "select", "absolute", "dot", "cross",
-           "normalized"]
+           "normalized", "perpendicular_basis", "multiply", "add", "subtract"]
 
 
 def _scale(t, factor):
@@ -159,14 +159,42 @@ def absolute(x):
     return x * dr.select(value(x) < 0, -1.0, 1.0)
 
 
+def _dual_right(a, b) -> bool:
+    return isinstance(b, Dual) and not isinstance(a, Dual)
+
+
+def multiply(a, b):
+    """a * b with a Dual on either side (Dr.Jit arrays do not defer to Duals)."""
+    return b * a if _dual_right(a, b) else a * b
+
+
+def add(a, b):
+    return b + a if _dual_right(a, b) else a + b
+
+
+def subtract(a, b):
+    return (-b) + a if _dual_right(a, b) else a - b
+
+
 def dot(a, b):
-    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+    return add(add(multiply(a[0], b[0]), multiply(a[1], b[1])), multiply(a[2], b[2]))
 
 
 def cross(a, b):
-    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+    return (subtract(multiply(a[1], b[2]), multiply(a[2], b[1])),
+            subtract(multiply(a[2], b[0]), multiply(a[0], b[2])),
+            subtract(multiply(a[0], b[1]), multiply(a[1], b[0])))
 
 
 def normalized(v):
     inverse = 1.0 / sqrt(dot(v, v))
     return (v[0] * inverse, v[1] * inverse, v[2] * inverse)
+
+
+def perpendicular_basis(t):
+    """Unit vectors e1, e2 with (e1, e2, t) orthonormal, for a unit vector t (e1 = normalised t x axis,
+    axis = z, or x where t is within ~25 degrees of z)."""
+    use_z = dr.abs(value(t[2])) < 0.9
+    axis = (dr.select(use_z, 0.0, 1.0), 0.0, dr.select(use_z, 1.0, 0.0))
+    e1 = normalized(cross(t, axis))
+    return e1, cross(t, e1)

@@ -172,16 +172,9 @@ def interact(direction, qop, normal, thickness, material: Material, mass: float,
         new_qop = dm.select(neutral | stopped, qop, (charge / dm.sqrt(p2)) * sign)
     new_direction = direction
     if deflection is not None:
-        e1, e2 = _orthonormal_basis(direction)
+        e1, e2 = dm.perpendicular_basis(direction)
         z1, z2 = deflection
         turned = tuple(t + theta0 * (a * z1 + b * z2) for t, a, b in zip(direction, e1, e2))
         new_direction = dm.normalized(turned)
     return Interaction(new_direction, new_qop, dr.square(dm.value(theta0)), qop_variance, stopped)
 
-
-def _orthonormal_basis(t):
-    """Two unit vectors perpendicular to the unit vector t (and to each other)."""
-    use_z = dr.abs(dm.value(t[2])) < 0.9
-    axis = (dr.select(use_z, 0.0, 1.0), 0.0, dr.select(use_z, 1.0, 0.0))
-    e1 = dm.normalized(dm.cross(t, axis))
-    return e1, dm.cross(t, e1)

@@ -32,7 +32,7 @@ import drjit as dr
 
 from pyhybrid.kernels.backend import types_of
 
-__all__ = ["OBSERVABLES", "EventShapes", "event_shapes", "observable", "bin_indicators",
+__all__ = ["OBSERVABLES", "EventShapes", "private_buffer", "event_shapes", "observable", "bin_indicators",
            "soft_bin_indicators", "histogram"]
 
 #: Names accepted by :func:`observable`: log10 of the Durham resolutions, thrust and 1 - thrust.
@@ -50,8 +50,15 @@ class EventShapes:
     dthrust: Any = None
 
 
-def _copy(array):
-    out = array + 0  # a new variable that the clustering may overwrite
+def private_buffer(array):
+    """An evaluated copy of ``array`` that no other variable shares.
+
+    A symbolic loop may scatter into a buffer in place only if the buffer is its own
+    JIT variable: Dr.Jit folds ``x + 0`` to ``x`` and merges equal literals
+    (``dr.zeros`` twice), and scattering into a shared variable silently writes to a
+    copy while the loop keeps reading the original. Adding an opaque zero forces a new one.
+    """
+    out = array + dr.opaque(type(array), 0)
     dr.make_opaque(out)
     return out
 
@@ -65,8 +72,8 @@ def _durham(momenta, n_particles, s, tangents):
     def index(slot):
         return slot * n_opaque + lane
 
-    jets = [_copy(c) for c in momenta]
-    jet_tangents = [_copy(c) for c in tangents] if tangents is not None else []
+    jets = [private_buffer(c) for c in momenta]
+    jet_tangents = [private_buffer(c) for c in tangents] if tangents is not None else []
     inverse_s = 1.0 / s
     zeros = dr.zeros(F, n_events)
 

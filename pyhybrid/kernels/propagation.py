@@ -60,8 +60,6 @@ RUNNING, REACHED, MISSED = 0, 1, 2
 FREE_NAMES = ("x", "y", "z", "t", "tx", "ty", "tz", "qop")
 SCATTERING_MODES = ("none", "covariance", "sample")
 _TIME, _QOP = 3, 7
-# Free-parameter index of each in-loop tangent column (x, y, z, tx, ty, tz, q/p).
-_LOOP_TO_FREE = (0, 1, 2, 4, 5, 6, 7)
 
 
 @dataclass(frozen=True)
@@ -278,33 +276,66 @@ def _dense(vector, zero):
 # ---------------------------------------------------------------- states with derivatives
 
 
-def _initial_columns(n_field: int) -> list[TangentColumn]:
-    """Identity tangents at the start of a segment: (x, y, z, tx, ty, tz, q/p) and the field parameters."""
-    columns = []
-    for i in range(3):
-        columns.append(TangentColumn(tuple(1.0 if j == i else None for j in range(3)), (None,) * 3))
-    for i in range(3):
-        columns.append(TangentColumn((None,) * 3, tuple(1.0 if j == i else None for j in range(3))))
-    columns.append(TangentColumn((None,) * 3, (None,) * 3, d_lambda=B_CURVATURE))
-    for g in range(n_field):
-        columns.append(TangentColumn((None,) * 3, (None,) * 3, field_parameter=g))
-    return columns
+@dataclass
+class _SegmentStart:
+    """Start of a segment: unit direction t0, two unit vectors e1, e2 perpendicular to it, k0 = dT/ds."""
+
+    t0: tuple
+    e1: tuple
+    e2: tuple
+    k0: tuple
+
+    @classmethod
+    def of(cls, field, r, t, lam):
+        e1, e2 = dm.perpendicular_basis(t)
+        b = field.evaluate(r)
+        return cls(tuple(t), e1, e2, tuple(lam * c for c in dm.cross(t, b)))
+
+    def columns(self, n_field: int, field_gradient: bool) -> list[TangentColumn]:
+        """Tangent columns carried through the stepping loop.
+
+        Position along e1, e2; direction along e1, e2; q/p; the field parameters
+        (if ``field_gradient``). Only two direction columns are needed: directions
+        stay unit vectors, so their variations are perpendicular to them. The
+        position column along t0 follows from the flow property (see :func:`_segment_duals`).
+        """
+        none = (None, None, None)
+        columns = [TangentColumn(self.e1, none), TangentColumn(self.e2, none),
+                   TangentColumn(none, self.e1), TangentColumn(none, self.e2),
+                   TangentColumn(none, none, d_lambda=B_CURVATURE)]
+        if field_gradient:
+            columns += [TangentColumn(none, none, field_parameter=g) for g in range(n_field)]
+        return columns
 
 
-def _segment_duals(loop: _Loop, n_columns: int, n_field: int):
-    """Duals of r and T at the end of the loop, over the layer columns (8 free, field, a, thickness)."""
-    free_columns = list(_LOOP_TO_FREE) + [8 + g for g in range(n_field)]
+def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int):
+    """Duals of r and T at the end of the loop over the layer columns (8 free, field, a, thickness).
 
-    def dual(values, which):
-        duals = []
-        for i, v in enumerate(values):
+    Free columns from the carried ones: d/dT0 = e1 (x) D1 + e2 (x) D2 (variations perpendicular
+    to t0); d/dr0 = e1 (x) P1 + e2 (x) P2 + t0 (x) A, where the column along t0 follows from
+    the flow property  d/dr0 . t0 + d/dT0 . k0 = y'(s)  (starting a little further along the
+    track = arriving a little further), y'(s) = (T, lambda T x B) at the end.
+    """
+    p1, p2, d1, d2, q, *field_columns = loop.columns
+    k_end = tuple(lam * c for c in dm.cross(loop.t, field.evaluate(loop.r)))
+    along_e1, along_e2 = dm.dot(start.k0, start.e1), dm.dot(start.k0, start.e2)
+
+    def duals(values, which, slope):
+        result = []
+        for i, value in enumerate(values):
+            p1_i, p2_i, d1_i, d2_i = p1[which][i], p2[which][i], d1[which][i], d2[which][i]
+            along = slope[i] - along_e1 * d1_i - along_e2 * d2_i
             tangents = [None] * n_columns
-            for column, (d_r, d_t) in zip(free_columns, loop.columns):
-                tangents[column] = (d_r, d_t)[which][i]
-            duals.append(dm.Dual(v, tangents))
-        return tuple(duals)
+            for m in range(3):
+                tangents[m] = start.t0[m] * along + start.e1[m] * p1_i + start.e2[m] * p2_i
+                tangents[4 + m] = start.e1[m] * d1_i + start.e2[m] * d2_i
+            tangents[_QOP] = q[which][i]
+            for g, column in enumerate(field_columns):
+                tangents[8 + g] = column[which][i]
+            result.append(dm.Dual(value, tangents))
+        return tuple(result)
 
-    return dual(loop.r, 0), dual(loop.t, 1)
+    return duals(loop.r, 0, loop.t), duals(loop.t, 1, k_end)
 
 
 def _inverse_speed(qop, particle: Particle):
@@ -335,26 +366,29 @@ def _snap(field, target, loop: _Loop, r, t, qop, t0, a, particle: Particle):
 
 
 def propagate_path(params: FreeParameters, field, path_length: float, options: PropagationOptions, *,
-                   jacobian: bool = False):
+                   jacobian: bool = False, field_gradient: bool = True):
     """Propagate every track by ``path_length`` [mm] (no surfaces, no material).
 
     Returns ``(final, jac, status)``: final :class:`FreeParameters`; ``jac`` (when
     requested) the transport Jacobian as 8 rows x (8 + n_field) columns,
     d final_i / d (initial free parameters, field parameters), with the direction
     derivative taken at fixed (normalised) direction components; ``status``
-    REACHED or MISSED (max_steps / world volume) per lane.
+    REACHED or MISSED (max_steps / world volume) per lane. Direction columns are
+    derivatives with respect to variations perpendicular to the (normalised) direction.
     """
     if not path_length > 0:
         raise ValueError(f"path_length must be positive (mm), got {path_length!r}")
     n_field = len(field.names)
     direction = dm.normalized(params.direction)
     qop = params.qop
-    columns = _initial_columns(n_field) if jacobian else None
+    lam = B_CURVATURE * qop
+    start = _SegmentStart.of(field, params.position, direction, lam) if jacobian else None
+    columns = start.columns(n_field, field_gradient) if jacobian else None
     target = _PathTarget(path_length)
-    loop = _step_to_target(field, target, params.position, direction, B_CURVATURE * qop, options, columns)
+    loop = _step_to_target(field, target, params.position, direction, lam, options, columns)
     n_columns = 8 + n_field + 1
     if jacobian:
-        r, t = _segment_duals(loop, n_columns, n_field)
+        r, t = _segment_duals(field, loop, start, lam, n_columns)
         qop_d = dm.Dual.variable(qop, _QOP, n_columns)
         t0 = dm.Dual.variable(params.time, _TIME, n_columns)
     else:
@@ -418,7 +452,7 @@ class LayerHits:
 
 def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], positions, thickness,
                      options: PropagationOptions, *, jacobian: bool = False, covariance=None,
-                     seed: int = 0) -> LayerHits:
+                     seed: int = 0, field_gradient: bool = True) -> LayerHits:
     """Propagate tracks through ``layers`` in order (see the module docstring).
 
     positions, thickness: arrays with one entry per layer (surface position
@@ -426,6 +460,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     covariance (list of lists of arrays) to transport, or None for no covariance
     output; ``jacobian``: keep the per-layer Jacobians for :func:`layers_vjp`.
     ``seed``: random numbers for ``scattering="sample"`` (per lane and layer).
+    ``field_gradient``: carry the field-parameter columns (else their gradients are zero).
     """
     types = types_of(params.qop)
     n = dr.width(params.qop)
@@ -456,11 +491,12 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         thick = dr.gather(types.Float, thickness, index)
         target = _SurfaceTarget(layer.surface, a)
         lam = B_CURVATURE * state.qop
-        columns = _initial_columns(n_field) if derivatives else None
+        start = _SegmentStart.of(field, state.position, state.direction, lam) if derivatives else None
+        columns = start.columns(n_field, field_gradient) if derivatives else None
         loop = _step_to_target(field, target, state.position, state.direction, lam, options, columns)
         dr.eval(loop)
         if derivatives:
-            r, t = _segment_duals(loop, n_columns, n_field)
+            r, t = _segment_duals(field, loop, start, lam, n_columns)
             qop = dm.Dual.variable(state.qop, _QOP, n_columns)
             t0 = dm.Dual.variable(state.time, _TIME, n_columns)
             a_var = dm.Dual.variable(a, column_a, n_columns)
@@ -481,7 +517,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
                 rng = types.rng(n, seed, stream=k)
                 dr.make_opaque(rng)  # the seed must not be compiled into the layer's kernel
                 deflection = (types.normal(rng), types.normal(rng))
-            interaction = interact(direction, qop, layer.surface.normal(position_v), thick_var, layer.material,
+            interaction = interact(direction, qop, layer.surface.normal(position), thick_var, layer.material,
                                    particle.mass, particle.charge, energy_loss=options.energy_loss,
                                    deflection=deflection)
             after_state[4:7] = interaction.direction

@@ -48,7 +48,8 @@ Gradient support (see :mod:`pyhybrid.estimators`), computed in the same kernel:
   (``sad_trial``, total weight ``sad_weight``) and replayed with ``flip_trial``.
 * ``tangents=True``: forward-mode tangents d p / d alpha_s(mZ) of all momenta
   for the pathwise estimator at fixed coupling-weighted evolution time
-  tau = int_t^s alpha_s dt'/t' (emission scales move, vetoes stay).
+  tau = int_t^s alpha_s dt'/t' (emission scales move), and ``score_fixed_tau``, the
+  likelihood ratio of the acceptance decisions that this motion changes.
 * ``cutoff_width > 0``: the relaxed model, the cutoff theta(t - t0) replaced by
   a sigmoid in ln t of that width, with the score ``score_t0`` of its factors.
 """
@@ -60,16 +61,18 @@ from typing import Any
 
 import drjit as dr
 
+from pyhybrid.kernels import dual
 from pyhybrid.kernels.alphas import CA, CF, MB, MC, TR, RunningCoupling
 from pyhybrid.kernels.backend import KernelTypes
 from pyhybrid.kernels.electroweak import QUARKS, SMParameters, fermion
 from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import chiral_sums
+from pyhybrid.kernels.observables import private_buffer
 
 __all__ = ["GLUON", "NO_PARTNER", "FIRST_COLOUR", "QUARK_MASSES", "SQRT_S_RANGE", "ALPHA_S_RANGE",
            "CUTOFF_SPAN", "ShowerSettings", "ParticleRecord", "MomentumTangents", "ShowerResult",
            "BoundaryEmission", "run_shower", "boundary_emission", "hard_process_fractions",
-           "cs_kinematics", "Dual"]
+           "cs_kinematics"]
 
 GLUON = 21
 NO_PARTNER = 0xFFFFFFFF
@@ -204,8 +207,11 @@ class ShowerResult:
 
     record/tangents: M * N slot-major arrays; per event (N lanes): n_particles,
     n_emissions, n_trials, overflow (ran out of slots; the event stopped early),
-    score_alpha [1/1] = d log P / d alpha_s(mZ), score_t0 [GeV^-2] (relaxed cutoff
-    only), sad_weight [1] and sad_trial (Stochastic-AD alternative), total_rate
+    score_alpha [1] = d log P / d alpha_s(mZ), score_t0 [GeV^-2] = d log P / d t0 of the
+    sigmoid cutoff factors (relaxed model), score_fixed_tau [1] (tangent mode): d log P /
+    d alpha_s(mZ) of the acceptance decisions (phase-space factor, splitting-function ratio,
+    sigmoid cutoff) as the trial scales and dipole masses move at fixed coupling-weighted time,
+    sad_weight [1] and sad_trial (Stochastic-AD alternative), total_rate
     (overestimate rate of the final configuration, for the cutoff boundary term),
     next_colour (first unused colour tag).
     """
@@ -221,6 +227,7 @@ class ShowerResult:
     overflow: Any
     score_alpha: Any
     score_t0: Any
+    score_fixed_tau: Any
     sad_weight: Any
     sad_trial: Any
     total_rate: Any
@@ -241,73 +248,11 @@ class _Lanes:
     overflow: Any
     score_alpha: Any
     score_t0: Any
+    score_fixed_tau: Any
     sad_weight: Any
     sad_trial: Any
     rng: Any
     rng_sad: Any
-
-
-# ---------------------------------------------------------------- forward-mode numbers
-
-
-@dataclass
-class Dual:
-    """Value and tangent (forward-mode derivative) of a Dr.Jit array.
-
-    Supports + - * / with Duals, arrays and floats, with the Dual on the left
-    (Dr.Jit arrays do not defer to foreign types), and :func:`_sqrt`/``dr.select``.
-    """
-
-    v: Any
-    d: Any
-
-    def __add__(self, other):
-        if isinstance(other, Dual):
-            return Dual(self.v + other.v, self.d + other.d)
-        return Dual(self.v + other, self.d)
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        if isinstance(other, Dual):
-            return Dual(self.v - other.v, self.d - other.d)
-        return Dual(self.v - other, self.d)
-
-    def __rsub__(self, other):
-        return Dual(other - self.v, -self.d)
-
-    def __neg__(self):
-        return Dual(-self.v, -self.d)
-
-    def __mul__(self, other):
-        if isinstance(other, Dual):
-            return Dual(self.v * other.v, self.d * other.v + self.v * other.d)
-        if isinstance(other, FourVector):
-            return NotImplemented
-        return Dual(self.v * other, self.d * other)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, other):
-        if isinstance(other, Dual):
-            quotient = self.v / other.v
-            return Dual(quotient, (self.d - quotient * other.d) / other.v)
-        return Dual(self.v / other, self.d / other)
-
-    def __rtruediv__(self, other):
-        quotient = other / self.v
-        return Dual(quotient, -quotient * self.d / self.v)
-
-
-def _sqrt(x):
-    if isinstance(x, Dual):
-        root = dr.sqrt(x.v)
-        return Dual(root, 0.5 * x.d / root)
-    return dr.sqrt(x)
-
-
-def _value(x):
-    return x.v if isinstance(x, Dual) else x
 
 
 # ---------------------------------------------------------------- kinematics
@@ -331,7 +276,8 @@ def cs_kinematics(p_ij: FourVector, p_k: FourVector, t, z, phi):
 
     t = kT^2 [GeV^2], z the momentum fraction of i, phi the azimuth of kT.
     Massless partons: p_i^2 = p_j^2 = 0 and p_i + p_j + p_k' = p_ij + p_k exactly.
-    Works with Dr.Jit arrays or :class:`Dual` components (then t may be a Dual).
+    Works with Dr.Jit arrays or :class:`pyhybrid.kernels.dual.Dual` components (then t may be
+    a Dual too) for forward-mode tangents.
     """
     m2 = p_ij.dot(p_k) * 2.0
     one_minus_z = 1.0 - z
@@ -341,20 +287,20 @@ def cs_kinematics(p_ij: FourVector, p_k: FourVector, t, z, phi):
     cx = p_ij.py * p_k.pz - p_ij.pz * p_k.py
     cy = p_ij.pz * p_k.px - p_ij.px * p_k.pz
     cz = p_ij.px * p_k.py - p_ij.py * p_k.px
-    c2 = _value(cx * cx + cy * cy + cz * cz)
-    scale = _value(p_ij.p2() * p_k.p2())
+    c2 = dual.value(cx * cx + cy * cy + cz * cz)
+    scale = dual.value(p_ij.p2() * p_k.p2())
     collinear = c2 < 1e-10 * scale
-    near_x = dr.abs(_value(p_ij.px)) > 0.9 * _value(p_ij.E)
+    near_x = dr.abs(dual.value(p_ij.px)) > 0.9 * dual.value(p_ij.E)
     zero = p_ij.px * 0.0
-    fx = dr.select(near_x, p_ij.pz * -1.0, zero)      # p_ij x e_y = (-pz, 0, px)
-    fy = dr.select(near_x, zero, p_ij.pz)             # p_ij x e_x = (0, pz, -py)
-    fz = dr.select(near_x, p_ij.px, p_ij.py * -1.0)
-    cx, cy, cz = (dr.select(collinear, f, c) for f, c in ((fx, cx), (fy, cy), (fz, cz)))
-    norm = 1.0 / _sqrt(cx * cx + cy * cy + cz * cz)
+    fx = dual.select(near_x, p_ij.pz * -1.0, zero)      # p_ij x e_y = (-pz, 0, px)
+    fy = dual.select(near_x, zero, p_ij.pz)             # p_ij x e_x = (0, pz, -py)
+    fz = dual.select(near_x, p_ij.px, p_ij.py * -1.0)
+    cx, cy, cz = (dual.select(collinear, f, c) for f, c in ((fx, cx), (fy, cy), (fz, cz)))
+    norm = 1.0 / dual.sqrt(cx * cx + cy * cy + cz * cz)
     n1 = FourVector(zero, cx * norm, cy * norm, cz * norm)
     v = _epsilon(p_ij, p_k, n1)
-    n2 = v * (1.0 / _sqrt(v.dot(v) * -1.0))
-    kt = _sqrt(t)
+    n2 = v * (1.0 / dual.sqrt(v.dot(v) * -1.0))
+    kt = dual.sqrt(t)
     k_perp = n1 * (kt * dr.cos(phi)) + n2 * (kt * dr.sin(phi))
     p_i = p_ij * z + p_k * (y * one_minus_z) + k_perp
     p_j = p_ij * one_minus_z + p_k * (y * z) - k_perp
@@ -439,7 +385,8 @@ def _z_limit(ctx: _Context, m2):
 
 def _overestimate_parts(z_plus, log_ratio, gluon):
     """z-integrals of the overestimates: (soft part, g -> q qbar part summed over flavours)."""
-    soft = dr.select(gluon, CA, 2.0 * CF) * log_ratio
+    F = type(z_plus)  # typed constants: a select of two Python floats would be float32
+    soft = dr.select(gluon, F(CA), F(2.0 * CF)) * log_ratio
     split = dr.select(gluon, N_FLAVOURS * 0.5 * TR * (2.0 * z_plus - 1.0), 0.0)
     return soft, split
 
@@ -496,11 +443,22 @@ class _Trial:
     y: Any
     phi: Any
     valid: Any
-    p_accept: Any
+    alpha: Any
+    d_alpha: Any
+    acceptance: Any
+    d_log_acceptance_dy: Any
+
+    @property
+    def m2(self):
+        return 2.0 * self.p_i.dot(self.p_k)
 
 
 def _trial(ctx: _Context, record, n, t, total_rate, u, mask) -> _Trial:
-    """Pick the dipole end, splitting and (z, phi) of a trial at scale t; p_accept = f / g."""
+    """Pick the dipole end, splitting and (z, phi) of a trial at scale t.
+
+    The acceptance probability is f / g = (alpha_s(t) / alpha_max) * acceptance, with
+    acceptance = (1 - y) * (splitting function / its overestimate), 0 where not ``valid``.
+    """
     F, I = ctx.types.Float, ctx.types.Int32
     u_select, u_kernel, u_z, u_phi = u
     i, colour_side = _choose_end(ctx, record, n, u_select * total_rate, mask)
@@ -523,16 +481,20 @@ def _trial(ctx: _Context, record, n, t, total_rate, u, mask) -> _Trial:
     z_flat = z_minus + (z_plus - z_minus) * u_z
     z = dr.select(split, z_flat, z_soft)
     y = t / (m2 * z * (1.0 - z))
-    flavour_mass2 = dr.select(flavour == 5, MB * MB, dr.select(flavour == 4, MC * MC, 0.0))
+    flavour_mass2 = dr.select(flavour == 5, F(MB * MB), dr.select(flavour == 4, F(MC * MC), F(0.0)))
     valid = has_k & is_open & (y < 1.0) & (y > 0.0) & (~split | (t > flavour_mass2))
     # Ratio of the true splitting function to its overestimate (both per dipole end).
-    eikonal = 2.0 / (1.0 - z * (1.0 - y))
-    soft_ratio = (eikonal - dr.select(gluon, 2.0 - z * (1.0 - z), 1.0 + z)) * 0.5 * (1.0 - z)
-    kernel_ratio = dr.select(split, 1.0 - 2.0 * z * (1.0 - z), soft_ratio)
-    alpha = ctx.coupling.value_and_derivative(t, ctx.alpha)[0]
-    p_accept = dr.select(valid, (1.0 - y) * alpha / ctx.alpha_max * kernel_ratio, 0.0)
+    denominator = 1.0 / (1.0 - z * (1.0 - y))
+    soft_bracket = 2.0 * denominator - dr.select(gluon, 2.0 - z * (1.0 - z), 1.0 + z)
+    kernel_ratio = dr.select(split, 1.0 - 2.0 * z * (1.0 - z), soft_bracket * 0.5 * (1.0 - z))
+    acceptance = dr.select(valid, (1.0 - y) * kernel_ratio, 0.0)
+    # d ln acceptance / dy: -1 / (1 - y) from the phase-space factor, plus the eikonal's y dependence
+    d_log_acceptance_dy = -1.0 / (1.0 - y) + dr.select(split, 0.0, -2.0 * z * denominator * denominator
+                                                       / soft_bracket)
+    alpha, d_alpha = ctx.coupling.value_and_derivative(t, ctx.alpha)
     phi = 2.0 * math.pi * u_phi
-    return _Trial(i, colour_side, k, p_i, p_k, split, flavour, z, y, phi, valid, p_accept)
+    return _Trial(i, colour_side, k, p_i, p_k, split, flavour, z, y, phi, valid, alpha, d_alpha, acceptance,
+                  d_log_acceptance_dy)
 
 
 def _emit(ctx: _Context, record, tangents, n, next_colour, trial: _Trial, t, t_dot, mask):
@@ -580,12 +542,12 @@ def _emit(ctx: _Context, record, tangents, n, next_colour, trial: _Trial, t, t_d
         p_i, p_j, p_k = cs_kinematics(trial.p_i, trial.p_k, t, trial.z, trial.phi)
         new_tangents = None
     else:
-        def dual(p, dp):
-            return FourVector(*(Dual(a, b) for a, b in zip(p.columns(), dp.columns())))
-        duals = cs_kinematics(dual(trial.p_i, tangent_i), dual(trial.p_k, tangent_k), Dual(t, t_dot),
-                              trial.z, trial.phi)
-        p_i, p_j, p_k = (FourVector(*(c.v for c in d.columns())) for d in duals)
-        new_tangents = [FourVector(*(c.d for c in d.columns())) for d in duals]
+        def with_tangent(p, dp):
+            return FourVector(*(dual.Dual(a, [b]) for a, b in zip(p.columns(), dp.columns())))
+        duals = cs_kinematics(with_tangent(trial.p_i, tangent_i), with_tangent(trial.p_k, tangent_k),
+                              dual.Dual(t, [t_dot]), trial.z, trial.phi)
+        p_i, p_j, p_k = (FourVector(*(c.value for c in d.columns())) for d in duals)
+        new_tangents = [FourVector(*(c.tangents[0] for c in d.columns())) for d in duals]
 
     # ---- colour flow: q -> q g and g -> g g put j between i and k on side `side` with a new
     # tag; g -> q qbar: i keeps the colour (quark), j takes the anticolour (antiquark).
@@ -690,9 +652,7 @@ def _new_record(ctx: _Context) -> ParticleRecord:
     F, I, U = ctx.types.Float, ctx.types.Int32, ctx.types.UInt32
 
     def buffer(dtype, value=0):
-        array = dr.full(dtype, value, size)
-        dr.make_opaque(array)  # a real buffer: gathers after scatters inside the loop must see the writes
-        return array
+        return private_buffer(dr.full(dtype, value, size))
 
     return ParticleRecord(buffer(F), buffer(F), buffer(F), buffer(F), buffer(I), buffer(U), buffer(U),
                           buffer(U, NO_PARTNER), buffer(U, NO_PARTNER), buffer(F), buffer(F))
@@ -713,6 +673,8 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
     """
     if not isinstance(n_events, int) or n_events < 1:
         raise ValueError(f"n_events must be a positive integer, got {n_events!r}")
+    if tangents and (flip_trial is not None or stochastic_ad):
+        raise ValueError("tangents (relaxed estimator) cannot be combined with Stochastic-AD options")
     if n_events * settings.max_particles >= 2**32:
         raise ValueError("n_events * max_particles must stay below 2^32")
     ctx = _context(types, n_events, settings)
@@ -721,17 +683,16 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
     tangent_buffers = None
     if tangents:
         size = n_events * settings.max_particles
-        tangent_buffers = MomentumTangents(*(dr.zeros(F, size) for _ in range(4)))
-        for array in tangent_buffers.__dict__.values():
-            dr.make_opaque(array)
+        tangent_buffers = MomentumTangents(*(private_buffer(dr.zeros(F, size)) for _ in range(4)))
     rng = types.rng(n_events, seed, 0)
     total_rate = _hard_process(ctx, record, tangent_buffers, rng, settings.sqrt_s)
     dr.eval(record, total_rate, rng)  # scatters must land before the symbolic loop reads the buffers
-    zeros_f = dr.zeros(F, n_events)
+    # Separate objects: `+=` on Dr.Jit arrays updates the Python object in place.
     lanes = _Lanes(active=dr.full(B, True, n_events), t=dr.full(F, settings.s, n_events), total_rate=total_rate,
                    n=dr.full(U, 2, n_events), next_colour=dr.full(U, FIRST_COLOUR + 1, n_events),
                    trials=dr.zeros(U, n_events), emissions=dr.zeros(U, n_events),
-                   overflow=dr.full(B, False, n_events), score_alpha=zeros_f, score_t0=dr.zeros(F, n_events),
+                   overflow=dr.full(B, False, n_events), score_alpha=dr.zeros(F, n_events),
+                   score_t0=dr.zeros(F, n_events), score_fixed_tau=dr.zeros(F, n_events),
                    sad_weight=dr.zeros(F, n_events), sad_trial=dr.full(U, NO_PARTNER, n_events),
                    rng=rng, rng_sad=types.rng(n_events, seed, 1))
     flip = None if flip_trial is None else U(flip_trial)
@@ -745,34 +706,58 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
         t = dr.select(rate > 0.0, lanes.t * dr.exp(dr.log(u_t) / rate), 0.0)
         going = t > ctx.t_low
         trial = _trial(ctx, record, lanes.n, t, rate, (u_select, u_kernel, u_z, u_phi), going)
-        p = trial.p_accept
+        coupling_ratio = trial.alpha / ctx.alpha_max
+        d_log_alpha = trial.d_alpha / trial.alpha
+        acceptance = trial.acceptance
         if ctx.soft_cutoff:
             cut = dr.rcp(1.0 + dr.exp((ctx.log_t0 - dr.log(t)) * ctx.inverse_width))
-            d_log_cut_dt0 = -(1.0 - cut) * ctx.inverse_width / ctx.t0
-            p = p * cut
-        accept = trial.valid & (u_accept < p)
-        if flip is not None:
-            accept = trial.valid & (accept ^ (lanes.trials == flip))
-        alpha, d_alpha = ctx.coupling.value_and_derivative(t, ctx.alpha)
-        d_log_alpha = d_alpha / alpha
-        # Score of this trial's Bernoulli decision: d ln p (accept) or d ln(1 - p) (veto).
-        veto_factor = -p / (1.0 - p)
-        lanes.score_alpha += dr.select(trial.valid, dr.select(accept, 1.0, veto_factor) * d_log_alpha, 0.0)
-        if ctx.soft_cutoff:
-            lanes.score_t0 += dr.select(trial.valid, dr.select(accept, 1.0, veto_factor) * d_log_cut_dt0, 0.0)
-        if stochastic_ad:
-            dp = p * d_log_alpha
-            weight = dr.select(accept, dr.select(dp < 0.0, -dp / p, 0.0), dr.select(dp > 0.0, dp / (1.0 - p), 0.0))
-            weight = dr.select(trial.valid, weight, 0.0)
-            lanes.sad_weight += weight
-            u_reservoir = ctx.uniform(lanes.rng_sad)
-            take = (weight > 0.0) & (u_reservoir * lanes.sad_weight < weight)
-            lanes.sad_trial = dr.select(take, lanes.trials, lanes.sad_trial)
+            d_log_cut_d_log_t = (1.0 - cut) * ctx.inverse_width
+            acceptance = acceptance * cut
+        t_dot = None
+        if tangent_buffers is None:
+            # One Bernoulli decision u < p, p = (alpha_s / alpha_max) * acceptance; its score is
+            # d ln p (accept) or d ln(1 - p) = -p d ln p / (1 - p) (veto).
+            p = coupling_ratio * acceptance
+            accept = trial.valid & (u_accept < p)
+            if flip is not None:
+                accept = trial.valid & (accept ^ (lanes.trials == flip))
+            decision = dr.select(trial.valid, dr.select(accept, 1.0, -p / (1.0 - p)), 0.0)
+            lanes.score_alpha += decision * d_log_alpha
+            if ctx.soft_cutoff:
+                lanes.score_t0 += decision * (-d_log_cut_d_log_t / ctx.t0)
+            if stochastic_ad:
+                dp = p * d_log_alpha
+                weight = dr.select(accept, dr.select(dp < 0.0, -dp / p, 0.0),
+                                   dr.select(dp > 0.0, dp / (1.0 - p), 0.0))
+                weight = dr.select(trial.valid, weight, 0.0)
+                lanes.sad_weight += weight
+                u_reservoir = ctx.uniform(lanes.rng_sad)
+                take = (weight > 0.0) & (u_reservoir * lanes.sad_weight < weight)
+                lanes.sad_trial = dr.select(take, lanes.trials, lanes.sad_trial)
+        else:
+            # Two stages with the same law: thinning by alpha_s / alpha_max leaves the trials of
+            # the evolution in tau = int alpha_s dt / t, which then pass the acceptance. At fixed
+            # tau the scales move (t_dot) and the acceptance changes through y and the cutoff:
+            # the likelihood ratio of the second stage accumulates in score_fixed_tau.
+            u_thin = ctx.uniform(lanes.rng)
+            thinned = trial.valid & (u_thin < coupling_ratio)
+            accept = thinned & (u_accept < acceptance)
+            lanes.score_alpha += dr.select(trial.valid, dr.select(
+                thinned, 1.0, -coupling_ratio / (1.0 - coupling_ratio)), 0.0) * d_log_alpha
+            t_dot = t * ctx.coupling.integral_derivative(t, ctx.s, ctx.alpha) / trial.alpha
+            dp_i = ctx.tangent(tangent_buffers, ctx.index(trial.i), trial.valid)
+            dp_k = ctx.tangent(tangent_buffers, ctx.index(trial.k), trial.valid)
+            m2 = trial.m2
+            m2_dot = 2.0 * (dp_i.dot(trial.p_k) + trial.p_i.dot(dp_k))
+            y_dot = trial.y * (t_dot / t - m2_dot / m2)
+            d_log_acceptance = trial.d_log_acceptance_dy * y_dot
+            decision = dr.select(thinned, dr.select(accept, 1.0, -acceptance / (1.0 - acceptance)), 0.0)
+            if ctx.soft_cutoff:
+                d_log_acceptance += d_log_cut_d_log_t * t_dot / t
+                lanes.score_t0 += decision * (-d_log_cut_d_log_t / ctx.t0)
+            lanes.score_fixed_tau += dr.select(thinned, decision * d_log_acceptance, 0.0)  # no 0 * NaN
         room = lanes.n < ctx.max_particles
         emit = accept & room
-        t_dot = None
-        if tangent_buffers is not None:
-            t_dot = t * ctx.coupling.integral_derivative(t, ctx.s, ctx.alpha) / alpha
         lanes.total_rate += _emit(ctx, record, tangent_buffers, lanes.n, lanes.next_colour, trial, t, t_dot, emit)
         lanes.n = dr.select(emit, lanes.n + 1, lanes.n)
         lanes.next_colour = dr.select(emit & ~trial.split, lanes.next_colour + 1, lanes.next_colour)
@@ -786,11 +771,12 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
     lanes, record, tangent_buffers = dr.while_loop((lanes, record, tangent_buffers), cond, body,
                                                    label="sudakov_veto_loop")
     result = ShowerResult(settings, n_events, seed, record, tangent_buffers, lanes.n, lanes.emissions,
-                          lanes.trials, lanes.overflow, lanes.score_alpha, lanes.score_t0, lanes.sad_weight,
-                          lanes.sad_trial, lanes.total_rate, lanes.next_colour)
+                          lanes.trials, lanes.overflow, lanes.score_alpha, lanes.score_t0, lanes.score_fixed_tau,
+                          lanes.sad_weight, lanes.sad_trial, lanes.total_rate, lanes.next_colour)
+    # One evaluation for everything: the loop's side effects and outputs must land together.
     dr.eval(result.record, result.tangents, result.n_particles, result.n_emissions, result.n_trials,
-            result.overflow, result.score_alpha, result.score_t0, result.sad_weight, result.sad_trial,
-            result.total_rate, result.next_colour)
+            result.overflow, result.score_alpha, result.score_t0, result.score_fixed_tau, result.sad_weight,
+            result.sad_trial, result.total_rate, result.next_colour)
     return result
 
 
@@ -827,6 +813,7 @@ def boundary_emission(types: KernelTypes, result: ShowerResult, seed: int) -> Bo
     emit = trial.valid & (result.n_particles < settings.max_particles)
     _emit(ctx, record, None, result.n_particles, result.next_colour, trial, t, None, emit)
     n_particles = dr.select(emit, result.n_particles + 1, result.n_particles)
-    rate = dr.select(emit, result.total_rate / ctx.t0 * trial.p_accept, 0.0)
+    p_accept = trial.alpha / ctx.alpha_max * trial.acceptance
+    rate = dr.select(emit, result.total_rate / ctx.t0 * p_accept, 0.0)
     dr.eval(record, n_particles, rate)
     return BoundaryEmission(record, n_particles, rate)

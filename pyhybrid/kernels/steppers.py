@@ -157,7 +157,7 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
     tangent columns (only when ``columns`` is given).
     """
     want_derivatives = columns is not None
-    ks, kappas, stage_t, stage_b, stage_grad, stage_param = [], [], [], [], [], []
+    ks, kappas, stages = [], [], []
     h2 = h * h
     for s in range(4):
         r_s, t_s = r, t
@@ -170,18 +170,16 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
             if coefficient:
                 t_s = tuple(ti + (coefficient * h) * kj for ti, kj in zip(t_s, ks[j]))
         if tableau.same_point[s]:
-            b_s, grad_s, param_s = stage_b[-1], stage_grad[-1], stage_param[-1]
+            b_s, grad_s, param_s = field_s
         elif want_derivatives:
-            b_s, grad_s, param_s = field.evaluate_with_derivatives(r_s)
+            b_s, grad_s, param_s = field_s = field.evaluate_with_derivatives(r_s)
         else:
-            b_s, grad_s, param_s = field.evaluate(r_s), None, None
+            b_s, grad_s, param_s = field_s = field.evaluate(r_s), None, None
         kappa = _cross(t_s, b_s)
         ks.append(tuple(lam * q for q in kappa))
         kappas.append(kappa)
-        stage_t.append(t_s)
-        stage_b.append(b_s)
-        stage_grad.append(grad_s)
-        stage_param.append(param_s)
+        if want_derivatives:
+            stages.append(_StageLinearisation.of(lam, t_s, b_s, grad_s, param_s, kappa, columns))
 
     r_new = tuple(ri + h * ti + (h2 / 6.0) * (k1 + k2 + k3) for ri, ti, k1, k2, k3 in zip(r, t, *ks[:3]))
     t_new = tuple(ti + h * sum(w * k[i] for w, k in zip(_WEIGHTS_T, ks)) for i, ti in enumerate(t))
@@ -190,16 +188,38 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
         error = h2 * sum(dr.abs(ks[0][i] - ks[1][i] - ks[2][i] + ks[3][i]) for i in range(3))
     new_columns = None
     if want_derivatives:
-        new_columns = [_step_column(col, tableau, lam, h, stage_t, stage_b, stage_grad, stage_param, kappas)
-                       for col in columns]
+        new_columns = [_step_column(col, tableau, h, stages) for col in columns]
     return r_new, t_new, error, new_columns
 
 
-def _step_column(col: TangentColumn, tableau, lam, h, stage_t, stage_b, stage_grad, stage_param, kappas):
+@dataclass
+class _StageLinearisation:
+    """d k_s = dT_s x (lambda B_s) + A_s dr_s + extra, with A_s = lambda [T_s]x dB/dr (shared by all columns)."""
+
+    lam_b: tuple
+    a_columns: tuple         # A_s[:, j] as 3-tuples (None = zero column)
+    kappa: tuple             # T_s x B_s (for the q/p column)
+    parameter_terms: list    # lambda T_s x dB/dtheta_g for the field-parameter columns
+
+    @classmethod
+    def of(cls, lam, t_s, b_s, grad_s, param_s, kappa, columns):
+        lam_b = tuple(lam * b for b in b_s)
+        a_columns = []
+        for j in range(3):
+            column = _cross(t_s, (grad_s[0][j], grad_s[1][j], grad_s[2][j]))
+            a_columns.append(None if all(c is None for c in column)
+                             else tuple(None if c is None else lam * c for c in column))
+        used = {c.field_parameter for c in columns if c.field_parameter is not None}
+        parameter_terms = [tuple(None if v is None else lam * v for v in _cross(t_s, param_s[g])) if g in used else None
+                           for g in range(len(param_s))]
+        return cls(lam_b, tuple(a_columns), kappa, parameter_terms)
+
+
+def _step_column(col: TangentColumn, tableau, h, stages):
     """Derivative of the step along one tangent column (same stages as the values)."""
     h2 = h * h
     dks = []
-    for s in range(4):
+    for s, stage in enumerate(stages):
         dr_s, dt_s = col.dr, col.dt
         if tableau.c[s]:
             dr_s = _axpy(tableau.c[s] * h, col.dt, dr_s)
@@ -209,19 +229,13 @@ def _step_column(col: TangentColumn, tableau, lam, h, stage_t, stage_b, stage_gr
         for j, coefficient in enumerate(tableau.b[s]):
             if coefficient:
                 dt_s = _axpy(coefficient * h, dks[j], dt_s)
-        # d k = lambda (dT x B + T x (dB/dr dr + dB/dtheta)) + d lambda (T x B)
-        db = [None, None, None]
-        grad = stage_grad[s]
-        for i in range(3):
-            for j in range(3):
-                db[i] = _madd(db[i], grad[i][j], dr_s[j])
-        if col.field_parameter is not None:
-            db = _add3(db, stage_param[s][col.field_parameter])
-        dk = _cross(dt_s, stage_b[s])
-        dk = _add3(dk, _cross(stage_t[s], tuple(db)))
-        dk = tuple(None if v is None else lam * v for v in dk)
+        dk = _cross(dt_s, stage.lam_b)
+        for j in range(3):
+            dk = _axpy(dr_s[j], stage.a_columns[j], dk)
         if col.d_lambda is not None:
-            dk = _axpy(col.d_lambda, kappas[s], dk)
+            dk = _axpy(col.d_lambda, stage.kappa, dk)
+        if col.field_parameter is not None:
+            dk = _add3(dk, stage.parameter_terms[col.field_parameter])
         dks.append(dk)
     dr_new = _axpy(h, col.dt, col.dr)
     for s in range(3):

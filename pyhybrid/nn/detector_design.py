@@ -154,13 +154,16 @@ class History:
         return {name: sum(d[name] for d in tail) / len(tail) for name in tail[0]}
 
 
-def train_jointly(design: CalorimeterDesign, steps: int, *, batch: int = 1024, design_lr: float = 0.05,
-                  network_lr: float = 3e-3, seed: int = 0,
+def train_jointly(design: CalorimeterDesign, steps: int, *, batch: int = 1024, design_lr: float = 0.1,
+                  network_lr: float = 3e-3, final_lr_fraction: float = 0.1, seed: int = 0,
                   callback: Callable[[int, History], None] | None = None) -> History:
-    """Adam on design parameters and network weights together; fresh showers every step
-    (seeds ``seed * 2**32 + step``), design projected into its bounds after each step."""
+    """Adam on the design parameters and the network weights together, learning rates decaying
+    (cosine) to ``final_lr_fraction`` of their start; fresh showers every step (seed
+    ``(seed << 32) + step``); the design is projected into its bounds after each step."""
     optimizer = torch.optim.Adam([{"params": design.design_parameters(), "lr": design_lr},
                                   {"params": design.regression.parameters(), "lr": network_lr}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: final_lr_fraction + (
+        1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(steps - 1, 1), 1.0))))
     generator = torch.Generator().manual_seed(seed)
     history = History()
     for step in range(steps):
@@ -168,6 +171,7 @@ def train_jointly(design: CalorimeterDesign, steps: int, *, batch: int = 1024, d
         terms = design(design.sample_energies(batch, generator), seed=(seed << 32) + step)
         terms["loss"].backward()
         optimizer.step()
+        schedule.step()
         design.project()
         history.record(step, design, terms)
         if callback is not None:
@@ -238,24 +242,32 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
 def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: int = 8) -> dict[str, float]:
     """Fit sigma/E = a/sqrt(E) (+) b/E (+) c to the relative residuals in log-spaced energy bins.
 
-    Returns ``{"stochastic": a [GeV^1/2], "noise": b [GeV], "constant": c}`` (non-negative least
-    squares on the binned variances)."""
+    Returns ``{"stochastic": a [GeV^1/2], "noise": b [GeV], "constant": c}``: the non-negative least-squares
+    fit of the binned variances (exact: the best of the unconstrained fits on every subset of terms)."""
     energy, predicted = energy.detach().double().cpu(), predicted.detach().double().cpu()
-    edges = torch.logspace(math.log10(float(energy.min())), math.log10(float(energy.max())) + 1e-9, bins + 1)
+    edges = torch.logspace(math.log10(float(energy.min())), math.log10(float(energy.max())) + 1e-9, bins + 1,
+                           dtype=torch.float64)
     rows, variances = [], []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (energy >= low) & (energy < high)
         if int(inside.sum()) < 20:
             continue
         e = energy[inside]
-        residual = (predicted[inside] - e) / e
         mean_e = float(e.mean())
         rows.append([1.0 / mean_e, 1.0 / mean_e**2, 1.0])
-        variances.append(float(residual.var()))
-    from scipy.optimize import nnls
-
-    import numpy as np
-
-    coefficients, _ = nnls(np.array(rows), np.array(variances))
-    a2, b2, c2 = coefficients
+        variances.append(float(((predicted[inside] - e) / e).var()))
+    if len(rows) < 3:
+        raise ValueError("need at least 3 energy bins with >= 20 entries to fit three terms")
+    design_matrix, target = torch.tensor(rows), torch.tensor(variances)
+    best, best_residual = torch.zeros(3, dtype=torch.float64), float(target.square().sum())
+    for subset in ([0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]):
+        solution = torch.linalg.lstsq(design_matrix[:, subset], target.unsqueeze(1)).solution.squeeze(1)
+        if bool((solution < 0).any()):
+            continue
+        residual = float((design_matrix[:, subset] @ solution - target).square().sum())
+        if residual < best_residual:
+            best = torch.zeros(3, dtype=torch.float64)
+            best[subset] = solution
+            best_residual = residual
+    a2, b2, c2 = best.tolist()
     return {"stochastic": math.sqrt(a2), "noise": math.sqrt(b2), "constant": math.sqrt(c2)}

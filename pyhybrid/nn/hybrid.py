@@ -317,52 +317,111 @@ def perigee_to_free(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return position, direction, qop
 
 
-class TrackEncoder(nn.Module):
-    """Network: measured hits on barrel layers -> perigee parameters (d0, z0, phi, theta, q/p).
+def rotate_hits(hits: torch.Tensor, angle: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Barrel hits (N, L, 2) = (r*phi, z) [mm] rotated about the z axis by ``angle`` (N,) [rad].
 
-    Input ``hits`` (N, L, 2): local cylinder coordinates (r*phi [mm], z [mm]) on
-    L barrel layers of radii ``radii`` [mm], every layer hit. The azimuth of the
-    innermost hit is subtracted from all hits before the MLP and added back to
-    phi, so the network is exactly rotation-invariant about the beam axis and
-    never sees the 2 pi wrap. Outputs are bounded where unbounded values would
-    be unphysical for the detector: ``|d0| < d0_max``, ``|theta - pi/2| <
-    theta_half_range``, ``|q/p| < qop_max``. Call :meth:`calibrate` with
-    training hits before training (sets the input standardisation).
+    The azimuth is wrapped to [-pi, pi) after the rotation; ``radii`` (L,) [mm].
+    """
+    radii = radii.to(hits.dtype)
+    phi = wrap_angle(hits[..., 0] / radii + angle[:, None])
+    return torch.stack([phi * radii, hits[..., 1]], dim=-1)
+
+
+def canonical_frame(hits: torch.Tensor, radii: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate barrel hits about the beam axis so that the innermost hit lies at azimuth 0.
+
+    ``hits``: (N, L, 2) local cylinder coordinates (r*phi, z) [mm] on layers of
+    ``radii`` (L,) [mm]. Returns the rotated hits and the rotation angle phi_ref
+    (N,) [rad] (the hits were rotated by -phi_ref). A solenoid field along z and
+    cylinders about z are symmetric under this rotation, so propagating
+    parameters rotated the same way (:func:`rotate_perigee`) gives the rotated
+    hits exactly; networks then never see the 2 pi wrap of azimuths.
+    """
+    phi_ref = hits[:, 0, 0] / radii[0].to(hits.dtype)
+    return rotate_hits(hits, -phi_ref, radii), phi_ref
+
+
+def rotate_perigee(params: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Perigee parameters (N, 5) rotated about the z axis by ``angle`` (N,) [rad] (phi += angle)."""
+    phi = wrap_angle(params[:, 2] + angle)
+    return torch.cat([params[:, :2], phi[:, None], params[:, 3:]], dim=1)
+
+
+class PerigeeHits(nn.Module):
+    """Physics component: perigee parameters (N, 5) -> local hits (N, L, 2) on the barrel layers of a Propagator.
+
+    Wraps a :class:`pyhybrid.nn.propagator.Propagator` whose layers are
+    cylinders: the tracks start at their perigee (time 0), the output is the
+    local (r*phi, z) [mm] of each layer crossing. Layers a track misses give
+    zeros (the propagator's convention); the mask of the last call is kept in
+    :attr:`valid` (N, L) for the caller to check. Gradients: J^T g from the
+    propagator's forward-mode transport Jacobian.
     """
 
-    def __init__(self, radii: Sequence[float], hidden: Sequence[int] = (128, 128), *, d0_max: float = 5.0,
-                 z0_scale: float = 50.0, phi_scale: float = 0.05, theta_half_range: float = 1.0,
+    def __init__(self, propagator: nn.Module):
+        super().__init__()
+        self.propagator = propagator
+        self.valid: torch.Tensor | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return self.propagator.n_layers
+
+    @property
+    def radii(self) -> torch.Tensor:
+        """(L,) layer radii [mm] (the propagator's layer positions)."""
+        return self.propagator.positions.detach()
+
+    def forward(self, params: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
+        """Local hits (N, L, 2) [mm]; ``seed`` is passed to the propagator (sampled scattering)."""
+        position, direction, qop = perigee_to_free(params)
+        free = torch.cat([position, torch.zeros_like(qop)[:, None], direction, qop[:, None]], dim=1)
+        result = self.propagator(free, seed=seed)
+        self.valid = result.valid
+        return result.local
+
+
+class TrackEncoder(nn.Module):
+    """Network: barrel hits in the canonical frame -> perigee parameters (d0, z0, phi, theta, q/p).
+
+    Input ``hits`` (N, L, 2): local cylinder coordinates (r*phi, z) [mm] on L
+    barrel layers, every layer hit, rotated with :func:`canonical_frame` (so phi
+    of the innermost hit is 0 and the output phi is small). Outputs are bounded
+    where unbounded values would be unphysical for the detector
+    (``|theta - pi/2| < theta_half_range`` keeps tracks in the barrel,
+    ``|q/p| < qop_max`` [1/GeV] keeps them from curling inside it); d0, z0 and
+    phi are linear in the network output with scales ``d0_scale``, ``z0_scale``
+    [mm] and ``phi_scale`` [rad] (the spread expected in the data). Call :meth:`calibrate` with training hits before
+    training (sets the input standardisation).
+    """
+
+    def __init__(self, n_layers: int, hidden: Sequence[int] = (128, 128), *, d0_scale: float = 0.1,
+                 z0_scale: float = 50.0, phi_scale: float = 0.01, theta_half_range: float = 1.2,
                  qop_max: float = 2.0):
         super().__init__()
-        self.register_buffer("radii", torch.as_tensor(list(radii), dtype=torch.float64))
-        if self.radii.dim() != 1 or self.radii.numel() < 3 or bool((self.radii <= 0).any()):
-            raise ValueError("radii must be at least 3 positive layer radii [mm]")
-        n_layers = self.radii.numel()
+        if n_layers < 3:
+            raise ValueError(f"n_layers must be >= 3 (5 parameters from 2 coordinates per layer), got {n_layers}")
+        self.n_layers = n_layers
         self.input_norm = Standardize(2 * n_layers)
         self.network = MLP(2 * n_layers, 5, hidden)
-        self.d0_max, self.z0_scale, self.phi_scale = float(d0_max), float(z0_scale), float(phi_scale)
+        self.d0_scale, self.z0_scale, self.phi_scale = float(d0_scale), float(z0_scale), float(phi_scale)
         self.theta_half_range, self.qop_max = float(theta_half_range), float(qop_max)
 
-    def _features(self, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_tensor(hits, "hits", shape=(None, self.radii.numel(), 2))
-        radii = self.radii.to(hits.dtype)
-        phi = hits[..., 0] / radii
-        phi_ref = phi[:, 0]
-        relative = wrap_angle(phi - phi_ref[:, None]) * radii  # arc length relative to the first hit [mm]
-        return torch.cat([relative, hits[..., 1]], dim=1), phi_ref
+    def _features(self, hits: torch.Tensor) -> torch.Tensor:
+        check_tensor(hits, "hits", shape=(None, self.n_layers, 2))
+        return hits.transpose(1, 2).flatten(1)  # (r*phi of all layers, z of all layers)
 
     @torch.no_grad()
     def calibrate(self, hits: torch.Tensor) -> "TrackEncoder":
         """Standardise the network inputs on a sample of hits (N, L, 2)."""
-        self.input_norm.from_samples(self._features(hits)[0])
+        self.input_norm.from_samples(self._features(hits))
         return self
 
     def forward(self, hits: torch.Tensor) -> torch.Tensor:
-        features, phi_ref = self._features(hits)
-        u = self.network(self.input_norm(features))
-        d0 = self.d0_max * torch.tanh(u[:, 0] / self.d0_max)
+        u = self.network(self.input_norm(self._features(hits)))
+        d0 = self.d0_scale * u[:, 0]
         z0 = self.z0_scale * u[:, 1]
-        phi = wrap_angle(phi_ref + self.phi_scale * u[:, 2])
+        phi = self.phi_scale * u[:, 2]
         theta = 0.5 * math.pi + self.theta_half_range * torch.tanh(u[:, 3])
         qop = self.qop_max * torch.tanh(u[:, 4])
         return torch.stack([d0, z0, phi, theta, qop], dim=-1)
@@ -390,3 +449,97 @@ def hit_chi2(residuals: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         squared = torch.where(mask, squared, torch.zeros_like(squared))
     return squared.sum(-1)
+
+
+def residual_jacobian(residuals: Callable[[torch.Tensor], torch.Tensor],
+                      params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals r = residuals(params) (N, M) and their Jacobian dr/dparams (N, M, P).
+
+    ``residuals`` maps parameters (N, P) to normalised residuals (N, M), every
+    sample independent of the others (as for tracks through a propagator), e.g.
+    ``lambda p: (hits(p) - measured).flatten(1) / sigma``. J is built from M
+    vector-Jacobian products (one backward pass per residual, all samples at
+    once), so it uses whatever adjoint the physics provides (for the
+    propagator: J^T g from its forward-mode transport Jacobian).
+    """
+    p = params.detach().requires_grad_(True)
+    with torch.enable_grad():
+        r = residuals(p)
+        check_tensor(r, "residuals(params)", shape=(params.shape[0], None), finite=False)
+        rows = [torch.autograd.grad(r[:, m].sum(), p, retain_graph=m + 1 < r.shape[1])[0] for m in range(r.shape[1])]
+    return r.detach(), torch.stack(rows, dim=1)
+
+
+def gauss_newton_step(residuals: Callable[[torch.Tensor], torch.Tensor], params: torch.Tensor,
+                      damping: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Levenberg-Marquardt (damped Gauss-Newton) step of a per-sample least-squares fit.
+
+    Minimises chi2(p) = |residuals(p)|^2 for every sample independently:
+    p_new = p - (J^T J + damping diag(J^T J))^-1 J^T r, with r and J from
+    :func:`residual_jacobian`. Returns (p_new (N, P), chi2 at the old p (N,)).
+    The caller wraps angles or bounds parameters as its parametrisation requires.
+    """
+    r, jac = residual_jacobian(residuals, params)
+    normal = jac.transpose(1, 2) @ jac
+    normal = normal + damping * torch.diag_embed(torch.diagonal(normal, dim1=1, dim2=2))
+    gradient = (jac.transpose(1, 2) @ r[..., None])[..., 0]
+    step = torch.linalg.solve(normal, gradient)
+    return params.detach() - step, r.pow(2).sum(1)
+
+
+def fit_through_physics(encoder: nn.Module, residuals_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        inputs: torch.Tensor, *, rounds: int = 4, gauss_newton_iterations: int = 2,
+                        steps_per_round: int = 300, batch_size: int = 256, lr: float = 3e-3, damping: float = 1e-3,
+                        seed: int = 0, advance: Callable[[int], None] | None = None) -> list[float]:
+    """Train ``encoder`` (inputs -> parameters) on measurement residuals only, through a physics model.
+
+    The objective is the per-sample chi^2 of the encoder's prediction,
+    ``|residuals_of(encoder(inputs[idx]), idx)|^2``, where ``residuals_of(params,
+    idx)`` runs the physics (e.g. :class:`PerigeeHits`) and returns normalised
+    residuals (N_idx, M) against the measurements of samples ``idx``. No truth
+    labels are used.
+
+    Minimising it with plain gradient descent through the physics is slow: the
+    chi^2 of precise detectors is very ill-conditioned in parameter space (a
+    micro-radian in phi moves a hit by many sigma, the z0/theta and d0/phi pairs
+    are strongly correlated). This function preconditions with Gauss-Newton,
+    in ``rounds``:
+
+    1. predict parameters for all samples with the current encoder;
+    2. take ``gauss_newton_iterations`` damped Gauss-Newton steps per sample
+       from there (:func:`gauss_newton_step`; the Jacobian comes from the
+       physics' own adjoint) -- the targets;
+    3. regress the encoder onto the targets for ``steps_per_round`` Adam steps
+       (standardised mean squared error, :func:`fit`).
+
+    At the fixed point the targets are the chi^2 minima that the encoder's
+    predictions converge to, i.e. the encoder becomes an amortised
+    least-squares fit. Returns the mean chi^2 of the encoder's predictions at
+    the start of each round and after the last one (``rounds + 1`` values).
+    ``advance`` is called once per Gauss-Newton iteration and per Adam step.
+    """
+    if rounds < 1 or gauss_newton_iterations < 1:
+        raise ValueError(f"rounds and gauss_newton_iterations must be >= 1, got {rounds}, {gauss_newton_iterations}")
+    everything = torch.arange(inputs.shape[0])
+    history = []
+    scale = None
+    for round_index in range(rounds):
+        with torch.no_grad():
+            targets = encoder(inputs)
+        for iteration in range(gauss_newton_iterations):
+            targets, chi2 = gauss_newton_step(lambda p: residuals_of(p, everything), targets, damping)
+            if iteration == 0:
+                history.append(float(chi2.mean()))
+            if advance is not None:
+                advance(1)
+        if scale is None:  # standardise on the first targets; fixed afterwards so the loss scale is stable
+            scale = targets.std(0).clamp_min(1e-12)
+
+        def loss_of_batch(indices, targets=targets):
+            return ((encoder(inputs[indices]) - targets[indices]) / scale).pow(2).mean()
+
+        fit(encoder.parameters(), loss_of_batch, inputs.shape[0], steps=steps_per_round, batch_size=batch_size,
+            lr=lr, seed=seed + round_index, advance=advance)
+    with torch.no_grad():
+        history.append(float(residuals_of(encoder(inputs), everything).pow(2).sum(1).mean()))
+    return history

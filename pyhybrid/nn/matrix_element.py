@@ -22,7 +22,8 @@ phase-space points.
 
 Parameters (all 0-d ``nn.Parameter``, cast to the dtype/device of the input in
 ``forward``): ``mz``, ``gamma_z`` [GeV], ``alpha`` (or ``gf`` [GeV^-2] in the
-G_mu scheme, where alpha = sqrt(2) G_F mZ^2 sin^2 cos^2 / pi), ``sin2_theta_w``,
+G_mu scheme, where alpha = sqrt(2) G_F mZ^2 sin^2 cos^2 / pi; G_F =
+``pyhybrid.kernels.electroweak.GF`` = 1.1663788e-5), ``sin2_theta_w``,
 ``alpha_s``, ``top_mass`` [GeV]. Freeze any with ``requires_grad_(False)``.
 """
 from __future__ import annotations
@@ -36,26 +37,21 @@ from torch import nn
 
 from pyhybrid.engine import check_tensor, kernel_function
 from pyhybrid.kernels.backend import types_of
-from pyhybrid.kernels.electroweak import DEFAULTS, GF, SMParameters, alpha_from_gf
+from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf
 from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import GEV2_TO_PB, get_process
 from pyhybrid.kernels.phase_space import flux_factor, incoming_momenta, kinematic_residuals, rambo, two_body
 from pyhybrid.kernels.vegas import uniform_points
 
 __all__ = ["MatrixElement", "DifferentialCrossSection", "TwoBodyCrossSection", "two_body_momenta",
-           "rambo_momenta", "PARAMETER_NAMES", "FERMI_CONSTANT"]
-
-#: Fermi constant [GeV^-2], a starting value for the ``gf=`` argument (G_mu scheme).
-FERMI_CONSTANT = GF
-
-#: Order in which the parameters enter the kernels (the coupling is alpha or G_F).
-PARAMETER_NAMES = ("mz", "gamma_z", "coupling", "sin2_theta_w", "alpha_s", "top_mass")
+           "rambo_momenta"]
 
 
 # ---------------------------------------------------------------- kernels (Dr.Jit side)
 
 
 def _sm_parameters(mz, gamma_z, coupling, sin2_theta_w, alpha_s, top_mass, scheme: str) -> SMParameters:
+    """Kernel parameters from the six inputs in module order (the coupling is alpha or G_F)."""
     alpha = coupling if scheme == "alpha" else alpha_from_gf(coupling, mz, sin2_theta_w)
     return SMParameters(mz=mz, gamma_z=gamma_z, alpha=alpha, sin2_theta_w=sin2_theta_w, alpha_s=alpha_s,
                         top_mass=top_mass)
@@ -279,7 +275,8 @@ class _ProcessModule(nn.Module):
 
     def outgoing_masses(self) -> list[float]:
         """Outgoing masses [GeV] at the current parameter values."""
-        return [float(m) for m in self.process.outgoing_masses(SMParameters(top_mass=float(self.top_mass.detach())))]
+        top_mass = float(self.top_mass.detach())
+        return [float(m) for m in self.process.outgoing_masses(SMParameters(top_mass=top_mass))]
 
     def extra_repr(self) -> str:
         return f"process={self.process.name!r}, flavour={self.flavour!r}, scheme={self.scheme!r}"

@@ -389,7 +389,8 @@ class Propagator(nn.Module):
         jacobian = torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:4])
         outputs = _PROPAGATE(*inputs, layers=self.kernel_layers, options=self.options,
                              field_factory=self.field.kernel_field(params.device, params.dtype),
-                             jacobian=jacobian, seed=seed, with_covariance=covariance is not None)
+                             jacobian=jacobian, seed=seed, with_covariance=covariance is not None,
+                             field_gradient=jacobian and field_params.requires_grad)
         n, n_layers = params.shape[0], self.n_layers
         result = PropagationResult(free=outputs[0].reshape(n, n_layers, 8),
                                    local=outputs[1].reshape(n, n_layers, 2),
@@ -402,14 +403,14 @@ class Propagator(nn.Module):
 
 
 def _propagate_kernel(params, field_params, positions, thickness, covariance=None, *, layers, options,
-                      field_factory, jacobian, seed, with_covariance):
+                      field_factory, jacobian, seed, with_covariance, field_gradient):
     state = kprop.FreeParameters.from_columns(list(params))
     field = field_factory(field_params)
     initial_cov = None
     if with_covariance:
         initial_cov = [[covariance[8 * i + j] for j in range(8)] for i in range(8)]
     hits = kprop.propagate_layers(state, field, layers, positions, thickness, options, jacobian=jacobian,
-                                  covariance=initial_cov, seed=seed)
+                                  covariance=initial_cov, seed=seed, field_gradient=field_gradient)
     Float = types_of(state.qop).Float
     outputs = [[c for layer in hits.free for c in layer], [c for layer in hits.local for c in layer],
                list(hits.path), [dr.select(v, Float(1.0), Float(0.0)) for v in hits.valid]]
@@ -420,7 +421,7 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
 
 
 def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field_factory, jacobian, seed,
-                   with_covariance):
+                   with_covariance, field_gradient):
     if record is None:
         raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
     n_layers = len(layers)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 GEV2_TO_PB = 0.3893793721e9
 CHARGE = {"e": -1.0, "mu": -1.0, "d": -1 / 3, "u": 2 / 3, "s": -1 / 3, "c": 2 / 3, "b": -1 / 3}
 ISOSPIN = {"e": -0.5, "mu": -0.5, "d": -0.5, "u": 0.5, "s": -0.5, "c": 0.5, "b": -0.5}

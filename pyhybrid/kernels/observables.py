@@ -1,8 +1,8 @@
 """e+e- event shapes of variable-multiplicity events (Dr.Jit, no torch).
 
 Events are stored like the shower's particle record: per component (E, px, py,
-pz) [GeV] one array of ``max_particles * n_events`` values, slot-major
-(index = slot * n_events + event), and ``n_particles`` per event. One lane per event.
+pz) [GeV] one array of ``n_events * max_particles`` values, event-major
+(index = event * max_particles + slot), and ``n_particles`` per event. One lane per event.
 
 * Durham (k_T) jet resolutions (Catani et al., Phys. Lett. B269 (1991) 432),
   exclusive clustering with E-scheme recombination:
@@ -67,10 +67,10 @@ def _durham(momenta, n_particles, s, tangents):
     F, U = type(momenta[0]), dr.uint32_array_t(type(momenta[0]))
     n_events = dr.width(n_particles)
     lane = dr.arange(U, n_events)
-    n_opaque = dr.opaque(U, n_events)
+    slots = dr.width(momenta[0]) // n_events
 
     def index(slot):
-        return slot * n_opaque + lane
+        return lane * slots + slot
 
     jets = [private_buffer(c) for c in momenta]
     jet_tangents = [private_buffer(c) for c in tangents] if tangents is not None else []
@@ -165,10 +165,10 @@ def _thrust(momenta, n_particles, tangents):
     F, U = type(momenta[0]), dr.uint32_array_t(type(momenta[0]))
     n_events = dr.width(n_particles)
     lane = dr.arange(U, n_events)
-    n_opaque = dr.opaque(U, n_events)
+    slots = dr.width(momenta[0]) // n_events
 
     def vector(slot, columns):
-        index = slot * n_opaque + lane
+        index = lane * slots + slot
         return [dr.gather(F, columns[k], index) for k in (1, 2, 3)]
 
     def signed_sum(axis, skip_a, skip_b, columns):
@@ -260,7 +260,7 @@ def _thrust(momenta, n_particles, tangents):
 def event_shapes(momenta: Sequence, n_particles, s: float, *, tangents: Sequence | None = None) -> EventShapes:
     """Durham y23..y56 and thrust of every event.
 
-    momenta: [E, px, py, pz] slot-major arrays [GeV] (see the module docstring);
+    momenta: [E, px, py, pz] event-major arrays [GeV] (see the module docstring);
     n_particles: UInt32 per event (>= 2); s: E_vis^2 [GeV^2] (centre-of-mass energy squared);
     tangents: optional [dE, dpx, dpy, dpz] of every particle for pathwise derivatives.
     All results are evaluated.

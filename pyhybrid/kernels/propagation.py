@@ -53,7 +53,7 @@ from pyhybrid.kernels.surfaces import NO_INTERSECTION, Cylinder, Disk, Plane
 from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
 
 __all__ = ["Particle", "MUON", "PION", "KAON", "PROTON", "PARTICLES", "FreeParameters", "Layer",
-           "PropagationOptions", "SCATTERING_MODES", "LayerHits", "JacobianRecord", "propagate_path",
+           "PropagationOptions", "SCATTERING_MODES", "LayerHits", "JacobianRecord", "PathResult", "propagate_path",
            "propagate_layers", "layers_vjp", "random_tracks", "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
 
 RUNNING, REACHED, MISSED = 0, 1, 2
@@ -178,7 +178,7 @@ class _PathTarget:
         return 1.0 + 0.0 * t[0]
 
     def line_distance(self, r, t, s, crossed):
-        return self.length - s
+        return self.length - s, self.length - s
 
     def snap_distance(self, r, t, s, a):
         return self.length - s
@@ -197,6 +197,8 @@ class _Loop:
     crossed: object
     approached: object
     distance: object     # signed straight-line distance to the target
+    max_error: object    # largest error estimate of an accepted step (adaptive stepper)
+    accepted: object     # accepted steps
     columns: list        # [(dr, dt)] tangent columns (empty without Jacobian)
 
 
@@ -206,8 +208,8 @@ def _check(loop: _Loop, target, side, options: PropagationOptions, running):
     crossed = side * level < 0
     approaching = side * target.level_rate(loop.r, loop.t) < 0
     approached = loop.approached | approaching
-    distance = target.line_distance(loop.r, loop.t, loop.s, crossed)
-    reached = dr.abs(distance) < options.surface_tolerance
+    distance, nearest = target.line_distance(loop.r, loop.t, loop.s, crossed)
+    reached = dr.abs(nearest) < options.surface_tolerance
     turned = approached & ~approaching & ~crossed
     rho2 = loop.r[0] * loop.r[0] + loop.r[1] * loop.r[1]
     outside = (rho2 > options.world_radius ** 2) | (dr.abs(loop.r[2]) > options.world_half_length)
@@ -230,8 +232,8 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     loop = _Loop(r=tuple(types.Float(v) + zero for v in r), t=tuple(types.Float(v) + zero for v in t), s=zero,
                  h=zero + stepper.initial_step, iterations=dr.zeros(types.UInt32, n),
                  status=dr.full(types.UInt32, RUNNING, n), crossed=dr.zeros(types.Bool, n),
-                 approached=dr.zeros(types.Bool, n), distance=zero,
-                 columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
+                 approached=dr.zeros(types.Bool, n), distance=zero, max_error=zero,
+                 accepted=dr.zeros(types.UInt32, n), columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
     running = loop.status == RUNNING
     loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running)
 
@@ -250,9 +252,11 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
             accept = (error <= stepper.tolerance) | (dr.abs(h) <= stepper.min_step)
             h_next = stepper.next_step(dr.abs(h), error)
             loop.h = dr.select(running & ~(accept & limited), h_next, loop.h)
+            loop.max_error = dr.select(running & accept, dr.maximum(loop.max_error, error), loop.max_error)
         else:
             accept = True
         advance = running & accept
+        loop.accepted = dr.select(advance, loop.accepted + 1, loop.accepted)
         loop.r = tuple(dr.select(advance, a, b) for a, b in zip(r_new, loop.r))
         loop.t = tuple(dr.select(advance, a, b) for a, b in zip(t_new, loop.t))
         loop.s = loop.s + dr.select(advance, h, 0.0)
@@ -365,17 +369,28 @@ def _snap(field, target, loop: _Loop, r, t, qop, t0, a, particle: Particle):
 # ---------------------------------------------------------------- fixed path (transport Jacobian)
 
 
-def propagate_path(params: FreeParameters, field, path_length: float, options: PropagationOptions, *,
-                   jacobian: bool = False, field_gradient: bool = True):
-    """Propagate every track by ``path_length`` [mm] (no surfaces, no material).
+@dataclass
+class PathResult:
+    """Result of :func:`propagate_path`.
 
-    Returns ``(final, jac, status)``: final :class:`FreeParameters`; ``jac`` (when
-    requested) the transport Jacobian as 8 rows x (8 + n_field) columns,
-    d final_i / d (initial free parameters, field parameters), with the direction
-    derivative taken at fixed (normalised) direction components; ``status``
-    REACHED or MISSED (max_steps / world volume) per lane. Direction columns are
-    derivatives with respect to variations perpendicular to the (normalised) direction.
+    final: :class:`FreeParameters` after the path; jacobian: (when requested) the
+    transport Jacobian, 8 rows x (8 + n_field) columns of arrays, d final_i / d
+    (initial free parameters, field parameters) -- direction columns are the
+    derivatives for variations perpendicular to the (normalised) initial direction;
+    status: REACHED, or MISSED (max_steps / world volume); steps: accepted steps;
+    max_error: largest ACTS error estimate of an accepted step [mm] (adaptive stepper).
     """
+
+    final: FreeParameters
+    jacobian: list | None
+    status: object
+    steps: object
+    max_error: object
+
+
+def propagate_path(params: FreeParameters, field, path_length: float, options: PropagationOptions, *,
+                   jacobian: bool = False, field_gradient: bool = True) -> PathResult:
+    """Propagate every track by ``path_length`` [mm] through the field (no surfaces, no material)."""
     if not path_length > 0:
         raise ValueError(f"path_length must be positive (mm), got {path_length!r}")
     n_field = len(field.names)
@@ -394,13 +409,13 @@ def propagate_path(params: FreeParameters, field, path_length: float, options: P
     else:
         r, t, qop_d, t0 = loop.r, loop.t, qop, params.time
     position, direction, _, time = _snap(field, target, loop, r, t, qop_d, t0, 0.0, options.particle)
-    final = FreeParameters(position, time, direction, qop_d)
     values = FreeParameters(*(_values(v) for v in (position, time, direction, qop_d)))
     jac = None
     if jacobian:
         zero = dr.zeros(types_of(loop.s).Float, dr.width(loop.s))
-        jac = [[zero + (0.0 if tg is None else tg) for tg in row.tangents[:8 + n_field]] for row in final.columns()]
-    return values, jac, loop.status
+        rows = [*position, time, *direction, qop_d]
+        jac = [[zero + (0.0 if tg is None else tg) for tg in row.tangents[:8 + n_field]] for row in rows]
+    return PathResult(values, jac, loop.status, loop.accepted, loop.max_error)
 
 
 def _values(x):

@@ -31,8 +31,9 @@ generators", arXiv:1411.4085, with Catani-Seymour final-state dipoles):
   and anticolour side.
 
 Vectorisation: one Dr.Jit lane per event; a particle record of ``max_particles``
-slots per event stored slot-major (index = slot * n_events + event), so lanes
-reading the same slot touch neighbouring memory. The only loop is the Sudakov
+slots per event stored event-major (index = event * max_particles + slot): each
+lane's particles share a few cache lines, which on the CPU beats the slot-major
+layout (lanes there touch far-apart slots of a ~0.5 GB record) by a wide margin. The only loop is the Sudakov
 loop (one trial per iteration) with an inner scan that selects the dipole end.
 Overestimated rates are cached per dipole end and updated locally after each
 emission.
@@ -125,9 +126,9 @@ class ShowerSettings:
         s = self.sqrt_s**2
         lowest = self.coupling.lowest_valid_scale()
         if not self.t0 * math.exp(-CUTOFF_SPAN * self.cutoff_width) > lowest:
-            raise ValueError(f"t0 must exceed {lowest:.3g} GeV^2 (alpha_s({lowest:.3g} GeV^2) = 1 for "
-                             f"alpha_s(mZ) = {self.alpha_s_mz}; with cutoff_width, t0 exp(-{CUTOFF_SPAN:g} "
-                             f"width) must), got t0 = {self.t0}")
+            what = "t0" if self.cutoff_width == 0 else f"t0 exp(-{CUTOFF_SPAN:g} cutoff_width)"
+            raise ValueError(f"{what} must exceed {lowest:.3g} GeV^2, where alpha_s reaches 1 for alpha_s(mZ) = "
+                             f"{self.alpha_s_mz} (perturbative shower), got t0 = {self.t0}")
         if not self.t0 < s / 4.0:
             raise ValueError(f"t0 must be below s / 4 = {s / 4.0:.6g} GeV^2 (no emission is possible "
                              f"otherwise), got {self.t0}")
@@ -169,7 +170,7 @@ def hard_process_fractions(sqrt_s: float, params: SMParameters | None = None):
 
 @dataclass
 class ParticleRecord:
-    """Particles of all events, slot-major (index = slot * n_events + event).
+    """Particles of all events, event-major (index = event * max_particles + slot).
 
     E, px, py, pz [GeV]; pid (PDG: +-1..5 quarks, 21 gluon); col, acol (LHE
     colour tags, 0 = none); partner_c / partner_a: slot of the particle whose
@@ -205,7 +206,7 @@ class MomentumTangents:
 class ShowerResult:
     """Showered events (Dr.Jit arrays) and per-event estimator ingredients.
 
-    record/tangents: M * N slot-major arrays; per event (N lanes): n_particles,
+    record/tangents: N * M event-major arrays; per event (N lanes): n_particles,
     n_emissions, n_trials, overflow (ran out of slots; the event stopped early),
     score_alpha [1] = d log P / d alpha_s(mZ), score_t0 [GeV^-2] = d log P / d t0 of the
     sigmoid cutoff factors (relaxed model), score_fixed_tau [1] (tangent mode): d log P /
@@ -317,7 +318,6 @@ class _Context:
 
     types: KernelTypes
     n_lanes: int
-    n_opaque: Any
     lane: Any
     max_particles: int
     alpha: dict
@@ -331,7 +331,7 @@ class _Context:
     s: Any
 
     def index(self, slot):
-        return slot * self.n_opaque + self.lane
+        return self.lane * self.max_particles + slot
 
     def uniform(self, rng, mask=True):
         return rng.next_float64(mask) if self.types.is_double else rng.next_float32(mask)
@@ -351,7 +351,7 @@ def _context(types: KernelTypes, n: int, settings: ShowerSettings) -> _Context:
     coupling = settings.coupling
     width = settings.cutoff_width
     return _Context(
-        types=types, n_lanes=n, n_opaque=dr.opaque(types.UInt32, n), lane=dr.arange(types.UInt32, n),
+        types=types, n_lanes=n, lane=dr.arange(types.UInt32, n),
         max_particles=settings.max_particles, alpha=coupling.constants(F), coupling=coupling,
         alpha_max=dr.opaque(F, settings.alpha_max), t0=dr.opaque(F, settings.t0),
         t_low=dr.opaque(F, settings.t_low), log_t0=dr.opaque(F, math.log(settings.t0)),
@@ -721,10 +721,11 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
             accept = trial.valid & (u_accept < p)
             if flip is not None:
                 accept = trial.valid & (accept ^ (lanes.trials == flip))
-            decision = dr.select(trial.valid, dr.select(accept, 1.0, -p / (1.0 - p)), 0.0)
-            lanes.score_alpha += decision * d_log_alpha
+            decision = dr.select(accept, 1.0, -p / (1.0 - p))
+            # select, not multiply: alpha_s at the final (sub-cutoff) trial scale may be NaN
+            lanes.score_alpha += dr.select(trial.valid, decision * d_log_alpha, 0.0)
             if ctx.soft_cutoff:
-                lanes.score_t0 += decision * (-d_log_cut_d_log_t / ctx.t0)
+                lanes.score_t0 += dr.select(trial.valid, decision * (-d_log_cut_d_log_t / ctx.t0), 0.0)
             if stochastic_ad:
                 dp = p * d_log_alpha
                 weight = dr.select(accept, dr.select(dp < 0.0, -dp / p, 0.0),
@@ -743,7 +744,7 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
             thinned = trial.valid & (u_thin < coupling_ratio)
             accept = thinned & (u_accept < acceptance)
             lanes.score_alpha += dr.select(trial.valid, dr.select(
-                thinned, 1.0, -coupling_ratio / (1.0 - coupling_ratio)), 0.0) * d_log_alpha
+                thinned, 1.0, -coupling_ratio / (1.0 - coupling_ratio)) * d_log_alpha, 0.0)
             t_dot = t * ctx.coupling.integral_derivative(t, ctx.s, ctx.alpha) / trial.alpha
             dp_i = ctx.tangent(tangent_buffers, ctx.index(trial.i), trial.valid)
             dp_k = ctx.tangent(tangent_buffers, ctx.index(trial.k), trial.valid)
@@ -751,11 +752,11 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
             m2_dot = 2.0 * (dp_i.dot(trial.p_k) + trial.p_i.dot(dp_k))
             y_dot = trial.y * (t_dot / t - m2_dot / m2)
             d_log_acceptance = trial.d_log_acceptance_dy * y_dot
-            decision = dr.select(thinned, dr.select(accept, 1.0, -acceptance / (1.0 - acceptance)), 0.0)
+            decision = dr.select(accept, 1.0, -acceptance / (1.0 - acceptance))
             if ctx.soft_cutoff:
                 d_log_acceptance += d_log_cut_d_log_t * t_dot / t
-                lanes.score_t0 += decision * (-d_log_cut_d_log_t / ctx.t0)
-            lanes.score_fixed_tau += dr.select(thinned, decision * d_log_acceptance, 0.0)  # no 0 * NaN
+                lanes.score_t0 += dr.select(thinned, decision * (-d_log_cut_d_log_t / ctx.t0), 0.0)
+            lanes.score_fixed_tau += dr.select(thinned, decision * d_log_acceptance, 0.0)
         room = lanes.n < ctx.max_particles
         emit = accept & room
         lanes.total_rate += _emit(ctx, record, tangent_buffers, lanes.n, lanes.next_colour, trial, t, t_dot, emit)

@@ -71,12 +71,14 @@ class Cylinder:
         return far, near, exists
 
     def line_distance(self, r, t, a, crossed):
-        """Signed straight-line distance used to limit steps: the first root ahead, or once
-        the surface has been crossed, the root closest to zero (behind)."""
+        """Straight-line distances ``(step, nearest)``: ``step`` limits the next step (the first
+        root ahead, or once the surface has been crossed, the root closest to zero, behind);
+        ``nearest`` is the root closest to zero (the track is on the surface when it is small)."""
         far, near, exists = self._roots(r, t, a)
         ahead = dr.select(near > 0, dr.select(far > 0, dr.minimum(near, far), near),
                           dr.select(far > 0, far, NO_INTERSECTION))
-        return dr.select(crossed, dr.select(exists, near, 0.0), dr.select(exists, ahead, NO_INTERSECTION))
+        step = dr.select(crossed, dr.select(exists, near, 0.0), dr.select(exists, ahead, NO_INTERSECTION))
+        return step, dr.select(exists, near, NO_INTERSECTION)
 
     def snap_distance(self, r, t, a):
         """Root closest to zero (the track is within tolerance of the surface)."""
@@ -127,10 +129,11 @@ class Plane:
         return dm.dot(self.normal_vector, t)
 
     def line_distance(self, r, t, a, crossed):
+        """``(step, nearest)`` as for :meth:`Cylinder.line_distance` (a line has one root)."""
         rate = self.level_rate(r, t)
         safe = dr.select(dr.abs(rate) > 1e-30, rate, 1e-30)
         d = -self.level(r, a) / safe
-        return dr.select(crossed | (d > 0), d, NO_INTERSECTION)
+        return dr.select(crossed | (d > 0), d, NO_INTERSECTION), d
 
     def snap_distance(self, r, t, a):
         rate = dm.dot(self.normal_vector, t)

@@ -155,13 +155,21 @@ class History:
 
 
 def train_jointly(design: CalorimeterDesign, steps: int, *, batch: int = 1024, design_lr: float = 0.1,
-                  network_lr: float = 3e-3, final_lr_fraction: float = 0.1, seed: int = 0,
-                  callback: Callable[[int, History], None] | None = None) -> History:
-    """Adam on the design parameters and the network weights together, learning rates decaying
-    (cosine) to ``final_lr_fraction`` of their start; fresh showers every step (seed
-    ``(seed << 32) + step``); the design is projected into its bounds after each step."""
+                  network_lr: float = 3e-3, final_lr_fraction: float = 0.1, pretrain_steps: int = 300,
+                  seed: int = 0, callback: Callable[[int, History], None] | None = None) -> History:
+    """Adam on the design parameters and the network weights together.
+
+    The network is first fitted at the starting design (``pretrain_steps`` of :func:`fit_regression`),
+    so that the design gradients are meaningful from the first step and do not inflate Adam's
+    second-moment estimates. Learning rates decay (cosine) to ``final_lr_fraction`` of their start;
+    fresh showers every step (seed ``(seed << 32) + step``); the design is projected into its
+    bounds after each step.
+    """
+    if pretrain_steps > 0:
+        fit_regression(design, pretrain_steps, seed=seed + 1)
     optimizer = torch.optim.Adam([{"params": design.design_parameters(), "lr": design_lr},
-                                  {"params": design.regression.parameters(), "lr": network_lr}])
+                                  {"params": design.regression.parameters(), "lr": network_lr}],
+                                 betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: final_lr_fraction + (
         1.0 - final_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(steps - 1, 1), 1.0))))
     generator = torch.Generator().manual_seed(seed)
@@ -258,7 +266,8 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
         variances.append(float(((predicted[inside] - e) / e).var()))
     if len(rows) < 3:
         raise ValueError("need at least 3 energy bins with >= 20 entries to fit three terms")
-    design_matrix, target = torch.tensor(rows), torch.tensor(variances)
+    design_matrix = torch.tensor(rows, dtype=torch.float64)
+    target = torch.tensor(variances, dtype=torch.float64)
     best, best_residual = torch.zeros(3, dtype=torch.float64), float(target.square().sum())
     for subset in ([0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]):
         solution = torch.linalg.lstsq(design_matrix[:, subset], target.unsqueeze(1)).solution.squeeze(1)

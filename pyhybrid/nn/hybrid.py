@@ -42,7 +42,7 @@ from torch import nn
 
 from pyhybrid.engine import check_tensor
 
-__all__ = ["MLP", "Standardize", "Surrogate", "Correction", "Component", "fit_surrogate", "fit", "MODES"]
+__all__ = ["MLP", "Standardize", "Whiten", "Surrogate", "Correction", "Component", "fit_surrogate", "fit", "MODES"]
 
 #: The ways a :class:`Component` can compute its output.
 MODES = ("physics", "surrogate", "residual")
@@ -103,6 +103,39 @@ class Standardize(nn.Module):
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         return z * self.scale.to(z.dtype) + self.shift.to(z.dtype)
+
+
+class Whiten(nn.Module):
+    """Fixed decorrelating map ``(x - mean) @ W`` with W = C^(-1/2) (ZCA) of the sample covariance C.
+
+    Detector hits are strongly correlated (all layers see the same track), which
+    makes the first layer of a network badly conditioned; whitened inputs make a
+    linear fit on them converge in a few gradient steps. Eigenvalues below
+    ``floor`` x the largest are raised to it (directions without spread).
+    """
+
+    def __init__(self, features: int, floor: float = 1e-10):
+        super().__init__()
+        self.floor = float(floor)
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("matrix", torch.eye(features))
+
+    @torch.no_grad()
+    def from_samples(self, samples: torch.Tensor) -> "Whiten":
+        check_tensor(samples, "samples", shape=(None, self.mean.numel()))
+        if samples.shape[0] < 2:
+            raise ValueError(f"samples needs at least 2 rows, got {samples.shape[0]}")
+        x = samples.to(torch.float64)
+        mean = x.mean(0)
+        covariance = (x - mean).T @ (x - mean) / (x.shape[0] - 1)
+        eigenvalues, vectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.clamp_min(self.floor * float(eigenvalues.max().clamp_min(1e-300)))
+        self.mean.copy_(mean)
+        self.matrix.copy_(vectors @ torch.diag(eigenvalues.rsqrt()) @ vectors.T)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) @ self.matrix.to(x.dtype)
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -386,26 +419,31 @@ class TrackEncoder(nn.Module):
 
     Input ``hits`` (N, L, 2): local cylinder coordinates (r*phi, z) [mm] on L
     barrel layers, every layer hit, rotated with :func:`canonical_frame` (so phi
-    of the innermost hit is 0 and the output phi is small). Outputs are bounded
-    where unbounded values would be unphysical for the detector
-    (``|theta - pi/2| < theta_half_range`` keeps tracks in the barrel,
-    ``|q/p| < qop_max`` [1/GeV] keeps them from curling inside it); d0, z0 and
-    phi are linear in the network output with scales ``d0_scale``, ``z0_scale``
-    [mm] and ``phi_scale`` [rad] (the spread expected in the data). Call :meth:`calibrate` with training hits before
-    training (sets the input standardisation).
+    of the innermost hit is 0 and the output phi is small). Architecture: the
+    whitened hits (:class:`Whiten`) feed a linear layer and an MLP whose outputs
+    are added -- the linear part alone is close to a linearised track fit, the
+    MLP learns the non-linear rest. The 5 outputs u are read as
+
+        d0 = d0_scale u0 [mm], z0 = z0_scale u1 [mm], phi = phi_scale u2 [rad],
+        cot(theta) = cot_scale u3, q/pT = qpt_max tanh(u4) [1/GeV],
+
+    (the quantities on which hits depend almost linearly), then converted to
+    theta = pi/2 - atan(cot theta) and q/p = (q/pT) sin(theta). ``qpt_max``
+    keeps predicted tracks from curling inside the barrel. Call
+    :meth:`calibrate` with training hits before training.
     """
 
     def __init__(self, n_layers: int, hidden: Sequence[int] = (128, 128), *, d0_scale: float = 0.1,
-                 z0_scale: float = 50.0, phi_scale: float = 0.01, theta_half_range: float = 1.2,
-                 qop_max: float = 2.0):
+                 z0_scale: float = 50.0, phi_scale: float = 0.01, cot_scale: float = 1.0, qpt_max: float = 2.0):
         super().__init__()
         if n_layers < 3:
             raise ValueError(f"n_layers must be >= 3 (5 parameters from 2 coordinates per layer), got {n_layers}")
         self.n_layers = n_layers
-        self.input_norm = Standardize(2 * n_layers)
+        self.input_norm = Whiten(2 * n_layers)
+        self.linear = nn.Linear(2 * n_layers, 5)
         self.network = MLP(2 * n_layers, 5, hidden)
         self.d0_scale, self.z0_scale, self.phi_scale = float(d0_scale), float(z0_scale), float(phi_scale)
-        self.theta_half_range, self.qop_max = float(theta_half_range), float(qop_max)
+        self.cot_scale, self.qpt_max = float(cot_scale), float(qpt_max)
 
     def _features(self, hits: torch.Tensor) -> torch.Tensor:
         check_tensor(hits, "hits", shape=(None, self.n_layers, 2))
@@ -413,18 +451,61 @@ class TrackEncoder(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, hits: torch.Tensor) -> "TrackEncoder":
-        """Standardise the network inputs on a sample of hits (N, L, 2)."""
+        """Whiten the network inputs on a sample of hits (N, L, 2)."""
         self.input_norm.from_samples(self._features(hits))
         return self
 
+    def raw(self, hits: torch.Tensor) -> torch.Tensor:
+        """The network outputs u (N, 5) before conversion to perigee parameters."""
+        z = self.input_norm(self._features(hits))
+        return self.linear(z) + self.network(z)
+
+    def to_perigee(self, u: torch.Tensor) -> torch.Tensor:
+        """Outputs u (N, 5) -> perigee parameters (N, 5) (see the class docstring)."""
+        theta = 0.5 * math.pi - torch.atan(self.cot_scale * u[:, 3])
+        qop = self.qpt_max * torch.tanh(u[:, 4]) * torch.sin(theta)
+        return torch.stack([self.d0_scale * u[:, 0], self.z0_scale * u[:, 1], self.phi_scale * u[:, 2], theta, qop],
+                           dim=-1)
+
+    def from_perigee(self, params: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_perigee` (q/pT is clipped just inside +-qpt_max)."""
+        d0, z0, phi, theta, qop = params.unbind(-1)
+        qpt = (qop / torch.sin(theta) / self.qpt_max).clamp(-1 + 1e-9, 1 - 1e-9)
+        return torch.stack([d0 / self.d0_scale, z0 / self.z0_scale, phi / self.phi_scale,
+                            1.0 / torch.tan(theta) / self.cot_scale, torch.atanh(qpt)], dim=-1)
+
     def forward(self, hits: torch.Tensor) -> torch.Tensor:
-        u = self.network(self.input_norm(self._features(hits)))
-        d0 = self.d0_scale * u[:, 0]
-        z0 = self.z0_scale * u[:, 1]
-        phi = self.phi_scale * u[:, 2]
-        theta = 0.5 * math.pi + self.theta_half_range * torch.tanh(u[:, 3])
-        qop = self.qop_max * torch.tanh(u[:, 4])
-        return torch.stack([d0, z0, phi, theta, qop], dim=-1)
+        return self.to_perigee(self.raw(hits))
+
+    def fit_targets(self, hits: torch.Tensor, params: torch.Tensor, *, steps: int, batch_size: int = 256,
+                    lr: float = 1e-3, ridge: float = 1e-8, seed: int = 0,
+                    advance: Callable[[int], None] | None = None) -> list[float]:
+        """Regress the encoder onto target parameters (N, 5) for the hits (N, L, 2).
+
+        The linear part is solved in closed form (ridge regression of the
+        targets' u on the whitened hits), the MLP is reset to output zero and
+        then trained by Adam on what the linear part leaves (mean squared error
+        of u standardised by the targets' spread). Returns the Adam losses.
+        """
+        check_tensor(params, "params", shape=(hits.shape[0], 5))
+        with torch.no_grad():
+            z = self.input_norm(self._features(hits))
+            u = self.from_perigee(params)
+            design = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+            gram = design.T @ design + ridge * hits.shape[0] * torch.eye(design.shape[1], dtype=z.dtype)
+            solution = torch.linalg.solve(gram, design.T @ u)
+            self.linear.weight.copy_(solution[:-1].T)
+            self.linear.bias.copy_(solution[-1])
+            last = self.network[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+            scale = u.std(0).clamp_min(1e-12)
+
+        def loss_of_batch(indices):
+            return ((self.raw(hits[indices]) - u[indices]) / scale).pow(2).mean()
+
+        return fit(self.network.parameters(), loss_of_batch, hits.shape[0], steps=steps, batch_size=batch_size,
+                   lr=lr, seed=seed, advance=advance)
 
 
 def local_residuals(predicted: torch.Tensor, measured: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
@@ -489,7 +570,7 @@ def gauss_newton_step(residuals: Callable[[torch.Tensor], torch.Tensor], params:
 
 def fit_through_physics(encoder: nn.Module, residuals_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                         inputs: torch.Tensor, *, rounds: int = 4, gauss_newton_iterations: int = 2,
-                        steps_per_round: int = 300, batch_size: int = 256, lr: float = 3e-3, damping: float = 1e-3,
+                        steps_per_round: int = 300, batch_size: int = 256, lr: float = 1e-3, damping: float = 1e-3,
                         seed: int = 0, advance: Callable[[int], None] | None = None) -> list[float]:
     """Train ``encoder`` (inputs -> parameters) on measurement residuals only, through a physics model.
 
@@ -509,37 +590,40 @@ def fit_through_physics(encoder: nn.Module, residuals_of: Callable[[torch.Tensor
     2. take ``gauss_newton_iterations`` damped Gauss-Newton steps per sample
        from there (:func:`gauss_newton_step`; the Jacobian comes from the
        physics' own adjoint) -- the targets;
-    3. regress the encoder onto the targets for ``steps_per_round`` Adam steps
-       (standardised mean squared error, :func:`fit`).
+    3. regress the encoder onto the targets: ``encoder.fit_targets(inputs,
+       targets, steps=steps_per_round, ...)`` when the encoder has that method
+       (:class:`TrackEncoder`), else ``steps_per_round`` Adam steps on the
+       standardised mean squared error (:func:`fit`).
 
     At the fixed point the targets are the chi^2 minima that the encoder's
-    predictions converge to, i.e. the encoder becomes an amortised
-    least-squares fit. Returns the mean chi^2 of the encoder's predictions at
-    the start of each round and after the last one (``rounds + 1`` values).
-    ``advance`` is called once per Gauss-Newton iteration and per Adam step.
+    predictions converge to: the encoder becomes an amortised least-squares
+    fit. Returns the median chi^2 of the encoder's predictions at the start of
+    each round and after the last one (``rounds + 1`` values). ``advance`` is
+    called once per Gauss-Newton iteration and per Adam step.
     """
     if rounds < 1 or gauss_newton_iterations < 1:
         raise ValueError(f"rounds and gauss_newton_iterations must be >= 1, got {rounds}, {gauss_newton_iterations}")
     everything = torch.arange(inputs.shape[0])
     history = []
-    scale = None
     for round_index in range(rounds):
         with torch.no_grad():
             targets = encoder(inputs)
         for iteration in range(gauss_newton_iterations):
             targets, chi2 = gauss_newton_step(lambda p: residuals_of(p, everything), targets, damping)
             if iteration == 0:
-                history.append(float(chi2.mean()))
+                history.append(float(chi2.median()))
             if advance is not None:
                 advance(1)
-        if scale is None:  # standardise on the first targets; fixed afterwards so the loss scale is stable
+        options = dict(steps=steps_per_round, batch_size=batch_size, lr=lr, seed=seed + round_index, advance=advance)
+        if hasattr(encoder, "fit_targets"):
+            encoder.fit_targets(inputs, targets, **options)
+        else:
             scale = targets.std(0).clamp_min(1e-12)
 
-        def loss_of_batch(indices, targets=targets):
-            return ((encoder(inputs[indices]) - targets[indices]) / scale).pow(2).mean()
+            def loss_of_batch(indices, targets=targets):
+                return ((encoder(inputs[indices]) - targets[indices]) / scale).pow(2).mean()
 
-        fit(encoder.parameters(), loss_of_batch, inputs.shape[0], steps=steps_per_round, batch_size=batch_size,
-            lr=lr, seed=seed + round_index, advance=advance)
+            fit(encoder.parameters(), loss_of_batch, inputs.shape[0], **options)
     with torch.no_grad():
-        history.append(float(residuals_of(encoder(inputs), everything).pow(2).sum(1).mean()))
+        history.append(float(residuals_of(encoder(inputs), everything).pow(2).sum(1).median()))
     return history

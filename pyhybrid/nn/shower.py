@@ -111,8 +111,8 @@ class PartonShower(nn.Module):
         record = result.record
         m = settings.max_particles
 
-        def padded(array):  # slot-major (M * N,) -> (N, M)
-            return array.torch().reshape(m, n_events).t().contiguous()
+        def padded(array):  # event-major (N * M,) -> (N, M)
+            return array.torch().reshape(n_events, m).clone()
 
         momenta = torch.stack([padded(c) for c in (record.E, record.px, record.py, record.pz)], dim=-1)
         colour = torch.stack([padded(record.col).to(torch.int32), padded(record.acol).to(torch.int32)], dim=-1)
@@ -155,7 +155,7 @@ def event_shapes(momenta: torch.Tensor, n_particles: torch.Tensor, sqrt_s: float
         worst = int(total.abs().amax(1).argmax())
         raise ValueError(f"momenta: event {worst} does not sum to (sqrt_s, 0, 0, 0) within "
                          f"{tolerance:g} sqrt_s (deviation {float(total[worst].abs().max()):.3g} GeV)")
-    columns = [to_drjit(used[..., k].t().contiguous()) for k in range(4)]  # slot-major
+    columns = [to_drjit(used[..., k].contiguous()) for k in range(4)]  # event-major
     types = types_for(momenta.device, momenta.dtype)
     counts = types.UInt32(types.Int32(n_particles.to(torch.int32).contiguous()))
     shapes = _event_shapes(columns, counts, s)

@@ -148,8 +148,8 @@ class Particle:
 
 # ---------------------------------------------------------------- hard process
 
-def hard_process(sqrt_s):
-    """e- (+z) e+ -> q qbar at LO: [quark, antiquark] particles."""
+def flavour_terms(sqrt_s):
+    """[(pdg, A0, A1)] of dsigma/dcos ~ A0 (1 + cos^2) + A1 cos for the five light quarks."""
     s = sqrt_s * sqrt_s
     kappa = 1.0 / (4.0 * SIN2W * (1.0 - SIN2W))
     denominator = (s - MZ * MZ) ** 2 + GAMMA_Z ** 2 * MZ ** 2
@@ -162,6 +162,12 @@ def hard_process(sqrt_s):
         a0 = charge ** 2 - 2.0 * charge * ve * vf * chi1 + (ae ** 2 + ve ** 2) * (af ** 2 + vf ** 2) * chi2
         a1 = -4.0 * charge * ae * af * chi1 + 8.0 * ae * ve * af * vf * chi2
         terms.append((pdg, a0, a1))
+    return terms
+
+
+def hard_process(sqrt_s):
+    """e- (+z) e+ -> q qbar at LO: [quark, antiquark] particles."""
+    terms = flavour_terms(sqrt_s)
     r = random.random() * sum(a0 for _, a0, _ in terms)
     for pdg, a0, a1 in terms:
         r -= a0

@@ -72,7 +72,8 @@ def rk4_step(r, t, lam, h, field):
 
 
 def _cylinder_distance(r, t, radius, crossed):
-    """Straight-line distance to the cylinder: first root ahead, or (crossed) the root closest to zero."""
+    """Straight-line distances (step, nearest): the first root ahead, or (crossed) the root closest to
+    zero; and the root closest to zero."""
     a2 = t[0] * t[0] + t[1] * t[1]
     b = r[0] * t[0] + r[1] * t[1]
     c = r[0] * r[0] + r[1] * r[1] - radius * radius
@@ -86,7 +87,8 @@ def _cylinder_distance(r, t, radius, crossed):
     big = torch.full_like(near, 1e30)
     ahead = torch.where(near > 0, torch.where(far > 0, torch.minimum(near, far), near),
                         torch.where(far > 0, far, big))
-    return torch.where(crossed, torch.where(exists, near, 0 * near), torch.where(exists, ahead, big))
+    step = torch.where(crossed, torch.where(exists, near, 0 * near), torch.where(exists, ahead, big))
+    return step, torch.where(exists, near, big)
 
 
 def bethe_silicon(p, mass):
@@ -138,9 +140,9 @@ def propagate_cylinders(params, radii, half_lengths, field, step, *, thickness=N
             crossed = side * (rho - radius) < 0
             approaching = side * (cr[0] * ct[0] + cr[1] * ct[1]) < 0
             approached = approached | approaching
-            dist = _cylinder_distance(cr, ct, radius, crossed)
+            dist, nearest = _cylinder_distance(cr, ct, radius, crossed)
             turned = approached & ~approaching & ~crossed
-            return crossed, approached, dist, dist.abs() < tolerance, turned
+            return crossed, approached, dist, nearest.abs() < tolerance, turned
 
         crossed, approached, dist, now_reached, turned = check(cr, ct, crossed, approached)
         reached = now_reached
@@ -157,7 +159,7 @@ def propagate_cylinders(params, radii, half_lengths, field, step, *, thickness=N
             reached = reached | (running & now_reached)
             running = running & ~now_reached & ~turned
         # onto the surface along the tangent
-        dist = _cylinder_distance(cr, ct, radius, torch.ones_like(crossed))
+        _, dist = _cylinder_distance(cr, ct, radius, crossed)
         b = field(*cr)
         kappa = _cross(ct, b)
         pos = tuple(ri + dist * ti for ri, ti in zip(cr, ct))

@@ -1,0 +1,133 @@
+"""Material effects: Bethe-Bloch vs the PDG muon table, Highland, energy loss and scattering in propagation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyhybrid.kernels import fields
+from pyhybrid.kernels.material import SILICON, highland_theta0, mass_stopping_power
+from pyhybrid.kernels.propagation import Layer, PropagationOptions, propagate_layers
+from pyhybrid.kernels.steppers import RK4
+from pyhybrid.kernels.surfaces import Disk, Plane
+from pyhybrid.nn.propagator import PlaneLayer, Propagator, UniformField
+from pyhybrid.units import MUON_MASS
+from test_propagation_support import F64, kernel_params, numpy_columns
+
+# PDG Atomic and Nuclear Properties, muons in silicon: ionisation -dE/dx [MeV cm^2/g] at kinetic energy [GeV]
+PDG_MUON_SILICON = [(0.1, 1.849), (1.0, 1.803), (10.0, 2.177), (100.0, 2.451)]
+PDG_SILICON_MINIMUM_IONISATION = 1.664
+
+
+def _momentum(kinetic):
+    energy = kinetic + MUON_MASS
+    return math.sqrt(energy ** 2 - MUON_MASS ** 2)
+
+
+@pytest.mark.parametrize("kinetic, pdg", PDG_MUON_SILICON)
+def test_muon_stopping_power_in_silicon_matches_pdg_table(kinetic, pdg):
+    value = mass_stopping_power(SILICON, F64.Float(_momentum(kinetic)), MUON_MASS)[0]
+    assert value == pytest.approx(pdg, rel=0.05)
+    if kinetic <= 10.0:  # above, the PDG table adds radiative corrections to the Bethe formula
+        assert value == pytest.approx(pdg, rel=0.015)
+
+
+def test_minimum_ionisation_in_silicon():
+    p = np.geomspace(0.1, 3.0, 600)
+    values = np.array(mass_stopping_power(SILICON, F64.Float(p), MUON_MASS))
+    assert values.min() == pytest.approx(PDG_SILICON_MINIMUM_IONISATION, rel=0.005)
+    assert 3.0 < p[values.argmin()] / MUON_MASS < 4.0           # minimum at beta gamma ~ 3.5
+
+
+def test_highland_formula():
+    p, path = 1.0, 0.3
+    beta = p / math.hypot(p, MUON_MASS)
+    x = path / 93.70
+    expected = 0.0136 / (beta * p) * math.sqrt(x) * (1 + 0.038 * math.log(x / beta ** 2))
+    assert highland_theta0(SILICON, F64.Float(path), F64.Float(p), MUON_MASS)[0] == pytest.approx(expected, rel=1e-12)
+
+
+def _disks_in_vacuum(starts, thickness, *, scattering="none", energy_loss=True, seed=0, covariance=None):
+    """Tracks along +z through a silicon disk at z = 100 to a bare disk at z = 1100 (no field)."""
+    layers = [Layer(Disk(r_max=1e4), SILICON), Layer(Disk(r_max=1e4))]
+    field = fields.UniformField(F64.Float(0.0), F64.Float(0.0), F64.Float(0.0))
+    options = PropagationOptions(stepper=RK4(100.0), scattering=scattering, energy_loss=energy_loss)
+    return propagate_layers(kernel_params(starts), field, layers, F64.Float([100.0, 1100.0]),
+                            F64.Float([thickness, 0.0]), options, seed=seed, covariance=covariance)
+
+
+def test_mean_energy_loss_is_applied_along_the_path_in_the_layer():
+    p, thickness = 1.0, 5.0
+    tilt = 0.5                                             # incidence angle [rad]
+    starts = [[0, 0, 0, 0, 0, 0, 1, 1 / p], [0, 0, 0, 0, math.sin(tilt), 0, math.cos(tilt), -1 / p]]
+    hits = _disks_in_vacuum(starts, thickness)
+    qop_after = np.array(hits.free[1][7])
+    dedx = mass_stopping_power(SILICON, F64.Float(p), MUON_MASS)[0] * SILICON.density * 1e-4      # GeV/mm
+    for qop, path in zip(qop_after, [thickness, thickness / math.cos(tilt)]):
+        energy = math.hypot(p, MUON_MASS) - dedx * path
+        assert abs(qop) == pytest.approx(1.0 / math.sqrt(energy ** 2 - MUON_MASS ** 2), rel=1e-12)
+        loss = math.hypot(p, MUON_MASS) - math.hypot(1.0 / qop, MUON_MASS)
+        pdg_loss = 1.803 * SILICON.density * 0.1 * path * 1e-3          # table value at T = 1 GeV [GeV]
+        assert loss == pytest.approx(pdg_loss, rel=0.02)
+    assert np.sign(qop_after).tolist() == [1.0, -1.0]
+
+
+def test_sampled_scattering_has_highland_width_and_matches_the_transported_covariance():
+    n, p, thickness = 20000, 2.0, 3.0
+    starts = np.tile([0, 0, 0, 0, 0, 0, 1, 1 / p], (n, 1))
+    hits = _disks_in_vacuum(starts, thickness, scattering="sample", energy_loss=False, seed=7)
+    local = np.array([np.array(v) for v in hits.local[1]])             # (rho, phi) on the far disk
+    x, y = local[0] * np.cos(local[1]), local[0] * np.sin(local[1])
+    theta0 = highland_theta0(SILICON, F64.Float(thickness), F64.Float(p), MUON_MASS)[0]
+    lever = 1000.0
+    for projected in (x / lever, y / lever):
+        assert np.std(projected) == pytest.approx(theta0, rel=0.03)
+        assert abs(np.mean(projected)) < 4 * theta0 / math.sqrt(n)
+    # the same scattering as a covariance, transported to the far disk
+    zero = F64.Float(np.zeros(1))
+    covariance = [[zero for _ in range(8)] for _ in range(8)]
+    transported = _disks_in_vacuum(starts[:1], thickness, scattering="covariance", energy_loss=False,
+                                   covariance=covariance)
+    position_cov = np.array([[transported.covariance[1][i][j][0] for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(position_cov, (lever * theta0) ** 2 * np.eye(2), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.cov(np.stack([x, y])), position_cov, rtol=0.05, atol=0.05 * position_cov[0, 0])
+
+
+def test_pathwise_scattering_gradient_is_unbiased():
+    """d/d thickness of E[mean u^2] on a plane 1 m behind a scatterer: pathwise estimate over seeds vs
+    finite differences of the expectation (common random numbers) and vs the Highland derivative."""
+    n, p, lever = 4000, 1.5, 1000.0
+    layers = [PlaneLayer(offset=100.0, normal=(0, 0, 1), u_axis=(1, 0, 0), thickness=2.0),
+              PlaneLayer(offset=100.0 + lever, normal=(0, 0, 1), u_axis=(1, 0, 0), thickness=0.0, material=None)]
+    prop = Propagator(UniformField((0.0, 0.0, 0.0)), layers, stepper=RK4(200.0), scattering="sample",
+                      energy_loss=False, trainable_thickness=True)
+    params = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1 / p]], dtype=torch.float64).repeat(n, 1)
+
+    def loss(seed):
+        return (prop(params, seed=seed).local[:, 1, 0] ** 2).mean()
+
+    seeds = range(12)
+    pathwise = []
+    for seed in seeds:
+        prop.thickness.grad = None
+        loss(seed).backward()
+        pathwise.append(prop.thickness.grad[0].item())
+    pathwise = np.array(pathwise)
+    mean, error = pathwise.mean(), pathwise.std(ddof=1) / math.sqrt(len(pathwise))
+    step = 0.05
+    with torch.no_grad():
+        base = prop.thickness.data.clone()
+        values = []
+        for sign in (1, -1):
+            prop.thickness.data = base + sign * torch.tensor([step, 0.0], dtype=torch.float64)
+            values.append(np.mean([loss(seed).item() for seed in seeds]))
+        prop.thickness.data = base
+    finite_difference = (values[0] - values[1]) / (2 * step)
+    assert abs(mean - finite_difference) < 4 * error + 1e-3 * abs(finite_difference)
+
+    def expectation(t):  # E[u^2] = (lever theta0)^2 for small angles
+        return (lever * highland_theta0(SILICON, F64.Float(t), F64.Float(p), MUON_MASS)[0]) ** 2
+
+    analytic = (expectation(2.0 + 1e-4) - expectation(2.0 - 1e-4)) / 2e-4
+    assert abs(mean - analytic) < 4 * error + 0.01 * analytic
+    assert error < 0.05 * analytic

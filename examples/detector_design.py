@@ -80,6 +80,8 @@ def main(argv=None) -> int:
         steps, train_steps, validation = 600, 400, 32768
         grid = {"absorber_thickness": list(np.arange(1.5, 3.51, 0.25)),
                 "active_thickness": list(np.arange(2.0, 6.01, 0.5))}
+    # The network is small: one torch thread, so that idle OpenMP workers do not compete with Dr.Jit's pool.
+    torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     design = make_design()
     t0 = time.time()
@@ -151,7 +153,8 @@ def plot(history, scan, optimum, start_curve, end_curve, path):
     ax = axes[1, 0]
     x_name, y_name = scan["names"]
     xs, ys = np.array(scan["values"][0]), np.array(scan["values"][1])
-    mesh = ax.pcolormesh(xs, ys, scan["loss"].T, shading="nearest", cmap="viridis")
+    mesh = ax.pcolormesh(xs, ys, scan["loss"].T, shading="nearest", cmap="viridis",
+                         norm=matplotlib.colors.LogNorm())
     fig.colorbar(mesh, ax=ax, label="J = resolution$^2$ + cost term")
     ax.plot([d[x_name] for d in history.design], [d[y_name] for d in history.design], color="w", lw=1,
             label="joint optimisation")
@@ -168,6 +171,8 @@ def plot(history, scan, optimum, start_curve, end_curve, path):
                                                   f"$\\oplus$ {1000 * terms['noise']:.0f} MeV/E "
                                                   f"$\\oplus$ {100 * terms['constant']:.1f}%")
     ax.set_xscale("log")
+    ax.set_xticks([2, 5, 10, 20, 50, 100], labels=["2", "5", "10", "20", "50", "100"])
+    ax.minorticks_off()
     ax.set_xlabel("E [GeV]")
     ax.set_ylabel(r"$\sigma_E / E$ [%]")
     ax.set_title("energy resolution of the reconstructed energy")

@@ -48,8 +48,8 @@ import torch
 from pyhybrid.engine import set_threads
 from pyhybrid.io import EventWriter
 from pyhybrid.nn.hybrid import (Component, PerigeeHits, Surrogate, TrackEncoder, canonical_frame, fit,
-                                fit_surrogate, fit_through_physics, gauss_newton_step, rotate_hits,
-                                rotate_perigee)
+                                fit_surrogate, fit_through_physics, gauss_newton_step, local_residuals, rotate_hits,
+                                rotate_perigee, wrap_angle)
 from pyhybrid.nn.propagator import RK4, Propagator, SolenoidField, barrel
 from pyhybrid.progress import progress_bar
 
@@ -82,13 +82,14 @@ class Setup:
     steps_per_round: int = 400
     network_steps: int = 2000            # Adam steps of the supervised and direct networks
     surrogate_steps: int = 4000
+    with_surrogate: bool = True          # the surrogate method (skipped in --quick to stay within 2 minutes)
     batch_size: int = 256
     hidden: tuple = (128, 128)
     seed: int = 7
 
 
-QUICK = dict(sizes=(200, 800, 2400), n_test=1000, n_simulated=6000, rounds=4, steps_per_round=150,
-             network_steps=900, surrogate_steps=1200)
+QUICK = dict(sizes=(200, 800, 2400), n_test=1000, rounds=4, steps_per_round=100, network_steps=400,
+             with_surrogate=False)
 
 
 def sigma_per_layer(setup: Setup, dtype) -> torch.Tensor:
@@ -134,10 +135,10 @@ def simulate(setup: Setup, n: int, seed: int, dtype=torch.float64) -> dict:
 # ---------------------------------------------------------------- the methods
 
 
-def residuals_against(physics, measured: torch.Tensor, sigma: torch.Tensor):
+def residuals_against(physics, measured: torch.Tensor, sigma: torch.Tensor, radii: torch.Tensor):
     """``residuals_of(params, idx)``: normalised hit residuals (N_idx, 2L) of samples idx under ``physics``."""
     def residuals_of(params, indices):
-        return ((physics(params) - measured[indices]) / sigma).flatten(1)
+        return (local_residuals(physics(params), measured[indices], radii) / sigma).flatten(1)
 
     return residuals_of
 
@@ -152,7 +153,8 @@ def new_encoder(setup: Setup, train_hits: torch.Tensor, seed: int) -> TrackEncod
 def train_through(hits_of, setup: Setup, train: dict, sigma, seed: int, advance) -> tuple[TrackEncoder, list]:
     """hybrid / surrogate: encoder -> ``hits_of`` (physics or surrogate), chi^2 of the hit residuals only."""
     encoder = new_encoder(setup, train["measured"], seed)
-    history = fit_through_physics(encoder, residuals_against(hits_of, train["measured"], sigma), train["measured"],
+    residuals_of = residuals_against(hits_of, train["measured"], sigma, torch.tensor(setup.radii))
+    history = fit_through_physics(encoder, residuals_of, train["measured"],
                                   rounds=setup.rounds, steps_per_round=setup.steps_per_round,
                                   batch_size=setup.batch_size, seed=seed, advance=advance)
     return encoder, history
@@ -184,18 +186,26 @@ def train_direct(setup: Setup, train: dict, sigma, seed: int, advance) -> torch.
     return model
 
 
-def least_squares(physics, measured, sigma, iterations: int, advance, start: torch.Tensor | None = None):
-    """Per-track Gauss-Newton fit through ``physics``; from a straight line (q/p ~ 0) unless ``start``."""
+def straight_line_start(measured: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Start of a track fit: a track through the origin towards the innermost hit, theta = pi/2, q/p ~ 0."""
+    start = torch.zeros(measured.shape[0], 5, dtype=measured.dtype)
+    start[:, 2] = measured[:, 0, 0] / radii[0]
+    start[:, 3] = 0.5 * math.pi
+    start[:, 4] = 1e-3  # q/p = 0 exactly is a neutral track, whose q/p derivative vanishes
+    return start
+
+
+def least_squares(physics, measured, sigma, radii, iterations: int, advance=None, start: torch.Tensor | None = None):
+    """Per-track Gauss-Newton fit through ``physics``; from :func:`straight_line_start` unless ``start``."""
     if start is None:
-        start = torch.zeros(measured.shape[0], 5, dtype=measured.dtype)
-        start[:, 3] = 0.5 * math.pi
-        start[:, 4] = 1e-3  # q/p = 0 exactly is a neutral track, whose q/p derivative vanishes
-    residuals_of = residuals_against(physics, measured, sigma)
+        start = straight_line_start(measured, radii)
+    residuals_of = residuals_against(physics, measured, sigma, radii)
     everything = torch.arange(measured.shape[0])
     params = start
     for _ in range(iterations):
         params, _ = gauss_newton_step(lambda p: residuals_of(p, everything), params)
-        advance(1)
+        if advance is not None:
+            advance(1)
     return params
 
 
@@ -213,6 +223,8 @@ def parameter_resolution(estimate: torch.Tensor, truth: torch.Tensor) -> dict:
     out = {}
     for k, name in enumerate(PARAMETERS):
         diff = estimate[:, k] - truth[:, k]
+        if name == "phi":
+            diff = wrap_angle(diff)
         if name == "qop":
             diff = diff / truth[:, k]
         out[name] = sigma68(diff) * REPORTED[name][1]
@@ -232,6 +244,7 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
     """Train and evaluate every method at every training-set size; returns rows, predictions and histories."""
     dtype = torch.float64
     sigma = sigma_per_layer(setup, dtype)
+    radii = torch.tensor(setup.radii, dtype=dtype)
     largest = max(setup.sizes)
     train_all = simulate(setup, largest, seed=setup.seed)
     test = simulate(setup, setup.n_test, seed=setup.seed + 1)
@@ -239,8 +252,9 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
     surrogate = Surrogate((5,), (len(setup.radii), 2), setup.hidden).to(dtype)
     hits_of = Component(physics=physics, surrogate=surrogate)   # one slot, switched between the two below
 
-    per_size = setup.rounds * (2 + setup.steps_per_round) * 2 + 2 * setup.network_steps + 2
-    total = setup.surrogate_steps + 6 + per_size * len(setup.sizes)
+    per_method = setup.rounds * (2 + setup.steps_per_round)
+    per_size = per_method * (2 if setup.with_surrogate else 1) + 2 * setup.network_steps + 2
+    total = (setup.surrogate_steps if setup.with_surrogate else 0) + 6 + per_size * len(setup.sizes)
     rows, predictions, histories = [], {}, {}
 
     def row(method, size, seconds, labels, params=None, hits=None):
@@ -255,16 +269,18 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
 
     with progress_bar(total, "hybrid tracking study") if progress else _no_bar() as advance:
         start = time.perf_counter()
-        fitted = least_squares(physics, test["measured"], sigma, 6, advance)
+        fitted = least_squares(physics, test["measured"], sigma, radii, 6, advance)
         row("least-squares", 0, time.perf_counter() - start, False, params=fitted)
 
-        start = time.perf_counter()
-        simulated = simulate(setup, setup.n_simulated, seed=setup.seed + 2)["truth"]
-        fit_surrogate(surrogate, physics, simulated, steps=setup.surrogate_steps, batch_size=setup.batch_size,
-                      seed=setup.seed, advance=advance)
-        surrogate_seconds = time.perf_counter() - start
-        with torch.no_grad():
-            fidelity = hit_resolution(surrogate(test["truth"]), physics(test["truth"]))
+        fidelity = None
+        if setup.with_surrogate:
+            start = time.perf_counter()
+            simulated = simulate(setup, setup.n_simulated, seed=setup.seed + 2)["truth"]
+            fit_surrogate(surrogate, physics, simulated, steps=setup.surrogate_steps, batch_size=setup.batch_size,
+                          seed=setup.seed, advance=advance)
+            surrogate_seconds = time.perf_counter() - start
+            with torch.no_grad():
+                fidelity = hit_resolution(surrogate(test["truth"]), physics(test["truth"]))
         for size in setup.sizes:
             train = {key: value[:size] for key, value in train_all.items()}
             seed = setup.seed + size
@@ -277,15 +293,16 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
                 estimate = encoder(test["measured"])
             row("hybrid", size, seconds, False, params=estimate)
             start = time.perf_counter()
-            refined = least_squares(physics, test["measured"], sigma, 2, advance, start=estimate)
+            refined = least_squares(physics, test["measured"], sigma, radii, 2, advance, start=estimate)
             row("hybrid+refine", size, seconds + time.perf_counter() - start, False, params=refined)
 
-            start = time.perf_counter()
-            encoder, histories[f"surrogate_n{size}"] = train_through(hits_of.use("surrogate"), setup, train, sigma,
-                                                                     seed, advance)
-            with torch.no_grad():
-                estimate = encoder(test["measured"])
-            row("surrogate", size, time.perf_counter() - start + surrogate_seconds, False, params=estimate)
+            if setup.with_surrogate:
+                start = time.perf_counter()
+                encoder, histories[f"surrogate_n{size}"] = train_through(hits_of.use("surrogate"), setup, train,
+                                                                         sigma, seed, advance)
+                with torch.no_grad():
+                    estimate = encoder(test["measured"])
+                row("surrogate", size, time.perf_counter() - start + surrogate_seconds, False, params=estimate)
 
             start = time.perf_counter()
             encoder = train_supervised(setup, train, seed, advance)
@@ -328,14 +345,15 @@ def print_table(result: dict) -> None:
         cells = [f"{r[name]:.3g}" if name in r else "-" for name, _ in COLUMNS]
         table.add_row(r["method"], str(r["n_train"] or "-"), "truth" if r["truth_labels"] else "hits only", *cells,
                       f"{r['train_seconds']:.1f}")
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(table)
     fidelity = result["surrogate_fidelity"]
-    console.print(f"surrogate vs propagator on test tracks: sigma68 r*phi {fidelity['hit_rphi']:.3g} um, "
-                  f"z {fidelity['hit_z']:.3g} um")
+    if fidelity is not None:
+        console.print(f"surrogate vs propagator on test tracks: sigma68 r*phi {fidelity['hit_rphi']:.3g} um, "
+                      f"z {fidelity['hit_z']:.3g} um")
     for key, history in result["histories"].items():
         if key.startswith("hybrid"):
-            console.print(f"{key}: mean chi2 of the network's predictions per round: "
+            console.print(f"{key}: median chi2 (20 measurements) of the network's predictions per round: "
                           + " -> ".join(f"{h:.3g}" for h in history))
 
 
@@ -364,7 +382,7 @@ def plot(result: dict, path: str) -> None:
         ax.plot(range(len(history)), history, "o-", label=key)
     ax.set_yscale("log")
     ax.set_xlabel("Gauss-Newton round")
-    ax.set_ylabel("mean chi2 of the network's predictions")
+    ax.set_ylabel("median chi2 of the network's predictions")
     ax.legend(fontsize=6)
     fig.suptitle("Hybrid (network + differentiable propagator) vs pure networks, 10-layer barrel, 2 T")
     fig.tight_layout()

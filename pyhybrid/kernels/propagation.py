@@ -415,7 +415,9 @@ def propagate_path(params: FreeParameters, field, path_length: float, options: P
         zero = dr.zeros(types_of(loop.s).Float, dr.width(loop.s))
         rows = [*position, time, *direction, qop_d]
         jac = [[zero + (0.0 if tg is None else tg) for tg in row.tangents[:8 + n_field]] for row in rows]
-    return PathResult(values, jac, loop.status, loop.accepted, loop.max_error)
+    result = PathResult(values, jac, loop.status, loop.accepted, loop.max_error)
+    dr.eval(result.final.columns(), result.jacobian, result.status, result.steps, result.max_error)
+    return result
 
 
 def _values(x):

@@ -12,7 +12,14 @@ jointly over the design parameters theta and the network weights w with pathwise
 of the design alone is min_w J, which :func:`grid_scan` evaluates on a grid by training the
 network at every point, with common random numbers.
 
-Units: GeV, mm; costs in the caller's currency per unit area.
+Tracker (:class:`TrackerDesign`): a barrel of silicon layers whose radii, thicknesses and hit
+resolutions are parameters. The covariance of the perigee parameters of a linearised
+least-squares track fit, C = (H^T V^-1 H)^-1, uses the measurement Jacobians H of the
+differentiable propagator (:mod:`pyhybrid.nn.propagator`) and a hit covariance V that adds to
+the hit resolutions the multiple-scattering correlations (Highland) of every layer's material;
+momentum and impact-parameter resolutions and the material budget are differentiable in the design.
+
+Units: GeV, mm, rad, Tesla; costs in the caller's currency per unit area.
 """
 from __future__ import annotations
 
@@ -23,10 +30,16 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from pyhybrid import engine
+from pyhybrid.kernels.material import MATERIALS as TRACKER_MATERIALS
+from pyhybrid.kernels.material import highland_theta0
+from pyhybrid.kernels.propagation import PARTICLES
 from pyhybrid.nn.calorimeter import SamplingCalorimeter
+from pyhybrid.nn.propagator import CylinderLayer, Propagator, UniformField
 
-__all__ = ["EnergyRegression", "relative_resolution", "material_cost", "CalorimeterDesign", "train_jointly",
-           "fit_regression", "grid_scan", "fit_resolution_terms"]
+__all__ = ["EnergyRegression", "relative_resolution", "material_cost", "CalorimeterDesign", "History",
+           "train_jointly", "fit_regression", "evaluate", "grid_scan", "fit_resolution_terms", "PERIGEE_NAMES",
+           "perigee_to_free", "TrackerDesign"]
 
 
 class EnergyRegression(nn.Module):
@@ -280,3 +293,230 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
             best_residual = residual
     a2, b2, c2 = best.tolist()
     return {"stochastic": math.sqrt(a2), "noise": math.sqrt(b2), "constant": math.sqrt(c2)}
+
+
+# ---------------------------------------------------------------- tracker
+
+#: Perigee track parameters of :class:`TrackerDesign`: d0 [mm], z0 [mm], phi, theta [rad], q/p [e/GeV].
+PERIGEE_NAMES = ("d0", "z0", "phi", "theta", "qop")
+#: Central-difference steps in d0, z0 [mm], phi, theta [rad]; q/p uses 1e-6 of its value.
+_PERIGEE_STEPS = (1e-4, 1e-4, 1e-6, 1e-6)
+_QOP_RELATIVE_STEP = 1e-6
+
+
+def perigee_to_free(perigee: torch.Tensor) -> torch.Tensor:
+    """Free parameters (N, 8) of tracks (N, 5) = (d0, z0, phi, theta, q/p) at their point of closest
+    approach to the z axis: position (-d0 sin phi, d0 cos phi, z0), time 0."""
+    d0, z0, phi, theta, qop = perigee.unbind(1)
+    sin_theta = torch.sin(theta)
+    return torch.stack([-d0 * torch.sin(phi), d0 * torch.cos(phi), z0, torch.zeros_like(d0),
+                        torch.cos(phi) * sin_theta, torch.sin(phi) * sin_theta, torch.cos(theta), qop], dim=1)
+
+
+def _highland(path, momentum, *, material, mass):
+    return highland_theta0(material, path, momentum, mass)
+
+
+_highland_fn = engine.kernel_function(_highland)
+
+
+def _wrap(difference: torch.Tensor, period) -> torch.Tensor:
+    """Difference of two angles (or arc lengths) mapped into [-period/2, period/2]."""
+    return difference - period * torch.round(difference / period)
+
+
+def _as_layer_tensor(value, n: int, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float64).flatten()
+    if tensor.numel() == 1:
+        tensor = tensor.expand(n)
+    if tensor.numel() != n:
+        raise ValueError(f"{name} needs 1 or {n} values (one per layer), got {tensor.numel()}")
+    return tensor.clone()
+
+
+class TrackerDesign(nn.Module):
+    """Barrel tracker in a solenoid: resolutions of a linearised track fit, differentiable in the design.
+
+    Parameters
+    ----------
+    radii: layer radii [mm], increasing (cylinders around the z axis, unbounded in z).
+    thickness: silicon-equivalent thickness per layer [mm] (one value or one per layer).
+    resolution_rphi, resolution_z: hit resolutions [mm] (one value or one per layer).
+    b_field: solenoid field B_z [T] (uniform).
+    material: layer material, a name of :data:`pyhybrid.kernels.material.MATERIALS`.
+    beam_pipe: (radius [mm], thickness [mm], material) of a passive scatterer inside the first
+        layer, or None.
+    particle: track hypothesis for the propagation and multiple scattering ("muon", "pion", ...).
+    trainable: which of "radii", "thickness", "resolution_rphi", "resolution_z" are ``nn.Parameter`` s.
+
+    The fit (:meth:`track_covariance`) estimates the five perigee parameters from the hits
+    (r phi, z) of every measuring layer the track crosses. H is the derivative of the hits
+    with respect to the perigee parameters and D_j that of the track state at layer j (hit,
+    direction angles, q/p), both by central differences of the propagator in the five
+    parameters (one batched propagation of 11 tracks per reference track). A scattering angle
+    at layer j moves the later hits by H_l D_j^-1 (d state_j / d angle), so
+
+        V = diag(sigma_hit^2) + sum_j theta0_j^2 K_j K_j^T,    C = (H^T V^-1 H)^-1,
+
+    theta0_j from Highland with the path through layer j at the track's incidence angle.
+    Gradients with respect to radii and thicknesses flow through the propagator's forward-mode
+    transport Jacobians (its backward pass) and through Highland (Dr.Jit AD).
+    """
+
+    def __init__(self, radii, *, thickness=0.3, resolution_rphi=0.01, resolution_z=0.05, b_field: float = 2.0,
+                 material: str = "silicon", beam_pipe: tuple[float, float, str] | None = (25.0, 0.8, "beryllium"),
+                 particle: str = "muon", trainable: Iterable[str] = ("radii", "thickness", "resolution_rphi")):
+        super().__init__()
+        radii = torch.as_tensor(radii, dtype=torch.float64).flatten().clone()
+        n = radii.numel()
+        if n < 3:
+            raise ValueError(f"a track fit of five parameters needs at least 3 layers, got {n}")
+        values = {"radii": radii, "thickness": _as_layer_tensor(thickness, n, "thickness"),
+                  "resolution_rphi": _as_layer_tensor(resolution_rphi, n, "resolution_rphi"),
+                  "resolution_z": _as_layer_tensor(resolution_z, n, "resolution_z")}
+        trainable = tuple(trainable)
+        unknown = set(trainable) - set(values)
+        if unknown:
+            raise ValueError(f"trainable names {sorted(unknown)} are not in {sorted(values)}")
+        for name, value in values.items():
+            if name in trainable:
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+        for name in (material,) + ((beam_pipe[2],) if beam_pipe else ()):
+            if name not in TRACKER_MATERIALS:
+                raise ValueError(f"unknown material {name!r}; known: {sorted(TRACKER_MATERIALS)}")
+        if particle not in PARTICLES:
+            raise ValueError(f"unknown particle {particle!r}; known: {sorted(PARTICLES)}")
+        self.mass = PARTICLES[particle].mass
+        self.materials = ([TRACKER_MATERIALS[beam_pipe[2]]] if beam_pipe else []) + [TRACKER_MATERIALS[material]] * n
+        self.beam_pipe = None if beam_pipe is None else (float(beam_pipe[0]), float(beam_pipe[1]))
+        layers = [CylinderLayer(radius=float(r), thickness=1.0, material=m.name)
+                  for r, m in zip(self._positions().tolist(), self.materials)]
+        self.propagator = Propagator(UniformField((0.0, 0.0, b_field)), layers, particle=particle,
+                                     energy_loss=True, scattering="none")
+        self.propagator.requires_grad_(False)
+        self.check()
+
+    @property
+    def n_layers(self) -> int:
+        return self.radii.numel()
+
+    def _positions(self) -> torch.Tensor:
+        if self.beam_pipe is None:
+            return self.radii
+        return torch.cat([self.radii.new_tensor([self.beam_pipe[0]]), self.radii])
+
+    def _thicknesses(self) -> torch.Tensor:
+        if self.beam_pipe is None:
+            return self.thickness
+        return torch.cat([self.thickness.new_tensor([self.beam_pipe[1]]), self.thickness])
+
+    def check(self) -> None:
+        """Raise ValueError for unphysical designs (non-increasing radii, non-positive values)."""
+        positions = self._positions().detach()
+        engine.check_tensor(positions, "radii")
+        if not bool((positions > 0).all()) or not bool((positions[1:] > positions[:-1]).all()):
+            raise ValueError(f"radii must be positive, increasing and outside the beam pipe, got {positions.tolist()}")
+        for name in ("thickness", "resolution_rphi", "resolution_z"):
+            value = engine.check_tensor(getattr(self, name).detach(), name)
+            if not bool((value > 0).all()):
+                raise ValueError(f"{name} must be positive, got {value.tolist()}")
+
+    def material_budget(self) -> torch.Tensor:
+        """Material of the measuring layers at normal incidence, sum of thickness / X0 (beam pipe excluded)."""
+        x0 = self.thickness.new_tensor([m.radiation_length for m in self.materials[-self.n_layers:]])
+        return (self.thickness / x0).sum()
+
+    def fit_matrices(self, pt: torch.Tensor, eta: torch.Tensor, charge: float = 1.0) -> dict[str, torch.Tensor]:
+        """The linearised fit of tracks from the origin with transverse momenta ``pt`` (N,) [GeV] and
+        pseudorapidities ``eta`` (N,) (phi = 0), over the M = 2 x (layers incl. beam pipe) hit coordinates:
+
+        ``jacobian`` (N, M, 5): d hits / d perigee (rows of unmeasured or missed hits are zero);
+        ``covariance`` (N, M, M): V (hit resolutions + multiple scattering; identity on unused rows);
+        ``hits`` (N, M): the nominal hits (r phi, z per layer) [mm]; ``mask`` (N, M): 1 for used hits.
+        A track must cross at least 3 measuring layers (else ValueError)."""
+        self.check()
+        pt = engine.check_tensor(pt, "pt", shape=(None,), dtype=torch.float64)
+        eta = engine.check_tensor(eta, "eta", shape=pt.shape, dtype=torch.float64)
+        if not bool((pt > 0).all()):
+            raise ValueError("pt must be positive (GeV)")
+        n, n_all = pt.shape[0], self._positions().numel()
+        theta = 2.0 * torch.atan(torch.exp(-eta))
+        qop = charge / (pt * torch.cosh(eta))
+        zero = torch.zeros_like(pt)
+        perigee = torch.stack([zero, zero, zero, theta, qop], dim=1)
+        steps = torch.cat([pt.new_tensor(_PERIGEE_STEPS).expand(n, 4), (_QOP_RELATIVE_STEP * qop.abs())[:, None]], 1)
+        offsets = torch.cat([pt.new_zeros(1, 5), torch.eye(5, dtype=pt.dtype), -torch.eye(5, dtype=pt.dtype)])
+        tracks = perigee[:, None, :] + offsets[None] * steps[:, None, :]  # (n, 11, 5)
+        out = torch.func.functional_call(self.propagator, {"positions": self._positions(),
+                                                           "thickness": self._thicknesses()},
+                                         (perigee_to_free(tracks.reshape(-1, 5)),))
+        local = out.local.reshape(n, 11, n_all, 2)
+        free = out.free.reshape(n, 11, n_all, 8)
+        valid = out.valid.reshape(n, 11, n_all).all(dim=1)
+        direction = free[..., 4:7]
+        state = torch.stack([local[..., 0], local[..., 1], torch.atan2(direction[..., 1], direction[..., 0]),
+                             torch.acos(direction[..., 2].clamp(-1.0, 1.0)), free[..., 7]], dim=-1)
+        difference = state[:, 1:6] - state[:, 6:11]  # (n, parameter, layer, state)
+        arc = 2.0 * math.pi * self._positions()[None, None, :]
+        difference = torch.stack([_wrap(difference[..., 0], arc), difference[..., 1],
+                                  _wrap(difference[..., 2], 2.0 * math.pi), difference[..., 3],
+                                  difference[..., 4]], dim=-1)
+        state_jacobian = (difference / (2.0 * steps[:, :, None, None])).permute(0, 2, 3, 1)  # (n, L, state, par)
+        hits = state_jacobian[..., :2, :]  # (n, L, 2, 5)
+
+        # Scattering angles (alpha_1 transverse to the direction in phi, alpha_2 in theta) at layer j.
+        centre = state[:, 0]
+        kick = torch.zeros(n, n_all, 5, 2, dtype=pt.dtype)
+        kick[..., 2, 0] = 1.0
+        kick[..., 3, 1] = 1.0
+        kick = kick / torch.stack([torch.sin(centre[..., 3]), torch.ones_like(centre[..., 3])], -1)[..., None, :]
+        response = torch.linalg.solve(state_jacobian, kick)  # D_j^-1 (d state_j / d alpha): (n, L, 5, 2)
+        later = torch.arange(n_all)[:, None] > torch.arange(n_all)[None, :]  # hit l after scatterer j
+        kinks = torch.einsum("nlap,njpb->nlajb", hits, response) * later[None, :, None, :, None]
+        kinks = kinks.reshape(n, 2 * n_all, 2 * n_all)
+
+        position = free[:, 0, :, 0:3]
+        cos_incidence = ((position[..., 0] * direction[:, 0, :, 0] + position[..., 1] * direction[:, 0, :, 1])
+                         / position[..., :2].norm(dim=-1)).abs().clamp(min=1e-3)
+        paths = self._thicknesses()[None, :] / cos_incidence
+        momenta = 1.0 / centre[..., 4].abs()
+        theta0 = torch.stack([_highland_fn(paths[:, j].contiguous(), momenta[:, j].contiguous(), material=m,
+                                           mass=self.mass) for j, m in enumerate(self.materials)], dim=1)
+        scattering = (theta0 ** 2).repeat_interleave(2, dim=1)  # (n, 2L)
+
+        measured = torch.ones(n_all, dtype=torch.bool)
+        if self.beam_pipe is not None:
+            measured[0] = False
+        mask = (valid & measured[None, :]).repeat_interleave(2, dim=1).to(pt.dtype)  # (n, 2L)
+        if bool((mask.sum(1) < 6).any()):
+            raise ValueError("every track must cross at least 3 measuring layers; check eta and the radii")
+        resolution = torch.stack([self.resolution_rphi, self.resolution_z], dim=1)
+        if self.beam_pipe is not None:
+            resolution = torch.cat([resolution.new_ones(1, 2), resolution])
+        variance = resolution.reshape(-1) ** 2
+        multiple = kinks @ (scattering[..., None] * kinks.transpose(1, 2))
+        covariance = (mask[:, :, None] * mask[:, None, :] * multiple
+                      + torch.diag_embed(mask * variance + (1.0 - mask)))
+        return {"jacobian": hits.reshape(n, 2 * n_all, 5) * mask[..., None], "covariance": covariance,
+                "hits": local[:, 0].reshape(n, 2 * n_all), "mask": mask}
+
+    def track_covariance(self, pt: torch.Tensor, eta: torch.Tensor, charge: float = 1.0) -> torch.Tensor:
+        """Covariance (N, 5, 5) of (d0 [mm], z0 [mm], phi, theta, q/p [e/GeV]), C = (H^T V^-1 H)^-1, for
+        tracks from the origin with ``pt`` (N,) [GeV] and ``eta`` (N,) (see :meth:`fit_matrices`)."""
+        fit = self.fit_matrices(pt, eta, charge)
+        factor = torch.linalg.cholesky(fit["covariance"])
+        information = fit["jacobian"].transpose(1, 2) @ torch.cholesky_solve(fit["jacobian"], factor)
+        return torch.linalg.inv(information)
+
+
+    def resolutions(self, pt: torch.Tensor, eta: torch.Tensor, charge: float = 1.0) -> dict[str, torch.Tensor]:
+        """Per track: ``d0`` and ``z0`` resolutions [mm], ``pt``: relative sigma(pT)/pT, ``phi``, ``theta`` [rad]."""
+        c = self.track_covariance(pt, eta, charge)
+        theta = 2.0 * torch.atan(torch.exp(-eta))
+        qop = charge / (pt * torch.cosh(eta))
+        cot = 1.0 / torch.tan(theta)
+        pt_variance = c[:, 4, 4] / qop**2 + cot**2 * c[:, 3, 3] - 2.0 * cot * c[:, 3, 4] / qop
+        return {"d0": c[:, 0, 0].sqrt(), "z0": c[:, 1, 1].sqrt(), "phi": c[:, 2, 2].sqrt(),
+                "theta": c[:, 3, 3].sqrt(), "pt": pt_variance.sqrt()}

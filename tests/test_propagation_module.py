@@ -1,0 +1,162 @@
+"""The torch Propagator: API, dtypes, neutral tracks, repeated backward, bad input; the standalone CLI run."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pyhybrid.cli import main
+from pyhybrid.io import read_events
+from pyhybrid.nn.propagator import (AdaptiveRKN, CylinderLayer, DiskLayer, Propagator, RK4, SolenoidField,
+                                    UniformField, barrel, free_parameters)
+
+LAYERS = barrel([40.0, 100.0, 250.0], half_length=[300.0, 500.0, 800.0], thickness=0.3) + \
+    [DiskLayer(z=900.0, r_min=30.0, r_max=700.0, thickness=0.3)]
+
+
+def _params(n, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    momentum = torch.randn(n, 3, generator=generator, dtype=dtype) * torch.tensor([2.0, 2.0, 1.5], dtype=dtype)
+    charge = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).to(dtype)
+    return free_parameters(0.05 * torch.randn(n, 3, generator=generator, dtype=dtype), momentum, charge)
+
+
+@pytest.fixture(scope="module")
+def propagator():
+    return Propagator(SolenoidField(2.0, 1200.0, 3000.0), LAYERS, stepper=RK4(10.0))
+
+
+def test_outputs_shapes_masks_and_consistency(propagator):
+    params = _params(64)
+    with torch.no_grad():
+        out = propagator(params)
+    assert out.free.shape == (64, 4, 8) and out.local.shape == (64, 4, 2)
+    assert out.path_length.shape == (64, 4) and out.valid.dtype == torch.bool
+    assert out.position.shape == (64, 4, 3)
+    assert out.valid.any() and not out.valid.all()
+    for tensor in (out.free, out.local, out.path_length):
+        assert torch.isfinite(tensor).all()
+        assert (tensor[~out.valid] == 0).all()
+    barrel_hits = out.valid[:, :3]
+    radius = out.position[:, :3, :2].norm(dim=-1)
+    torch.testing.assert_close(radius[barrel_hits], propagator.positions[:3].expand(64, 3)[barrel_hits])
+    torch.testing.assert_close(out.local[:, :3, 0][barrel_hits],
+                               (radius * torch.atan2(out.position[..., 1], out.position[..., 0])[:, :3])[barrel_hits])
+    # path lengths increase along the layers a track hits; time = path / (beta c)
+    assert (out.path_length[:, 1:][out.valid[:, 1:] & out.valid[:, :-1]] >
+            out.path_length[:, :-1][out.valid[:, 1:] & out.valid[:, :-1]]).all()
+    torch.testing.assert_close(out.direction.norm(dim=-1)[out.valid], torch.ones(int(out.valid.sum()), dtype=torch.float64))
+
+
+def test_non_unit_directions_are_normalised_and_float32_agrees(propagator):
+    params = _params(32)
+    scaled = params.clone()
+    scaled[:, 4:7] *= 3.7
+    with torch.no_grad():
+        reference = propagator(params)
+        torch.testing.assert_close(propagator(scaled).free, reference.free)
+        single = propagator(params.float())
+    assert single.free.dtype == torch.float32
+    both = single.valid & reference.valid
+    assert both.sum() >= 0.95 * reference.valid.sum()
+    assert (single.local.double() - reference.local)[both].abs().max() < 1e-2       # mm
+
+
+def test_neutral_track_is_a_straight_line(propagator):
+    params = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.6, 0.8, 0.2, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        out = propagator(params)
+    assert out.valid[0, :3].all()
+    direction = params[0, 4:7] / params[0, 4:7].norm()
+    for k in range(3):
+        point = out.position[0, k]
+        offset = point - params[0, :3]
+        torch.testing.assert_close(offset / offset.norm(), direction)
+        assert out.time[0, k].item() == pytest.approx(offset.norm().item() / 299.792458, rel=1e-12)
+    torch.testing.assert_close(out.direction[0, :3], direction.expand(3, 3))
+
+
+def test_gradients_flow_to_a_network_and_repeated_backward_accumulates(propagator):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    features = torch.randn(16, 3, dtype=torch.float64)
+    momentum = net(features) + torch.tensor([1.5, 0.5, 0.2], dtype=torch.float64)
+    params = free_parameters(torch.zeros(16, 3, dtype=torch.float64), momentum, 1.0)
+    out = propagator(params)
+    loss = ((out.local - 1.0) ** 2 * out.valid[..., None]).sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in net.parameters()]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in first)
+    loss.backward()
+    for p, g in zip(net.parameters(), first):
+        torch.testing.assert_close(p.grad, 2 * g)
+    assert propagator.positions.grad is None            # not trainable by default
+
+
+def test_bad_input_gives_clear_errors(propagator):
+    params = _params(4)
+    with pytest.raises(ValueError, match=r"params must have shape \(\*, 8\)"):
+        propagator(params[:, :7])
+    bad = params.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="params contains NaN"):
+        propagator(bad)
+    bad = params.clone()
+    bad[2, 4:7] = 0.0
+    with pytest.raises(ValueError, match="direction.*positive length"):
+        propagator(bad)
+    with pytest.raises(TypeError, match="float32 or torch.float64"):
+        propagator(params.to(torch.float16))
+    with pytest.raises(ValueError, match=r"covariance must have shape \(4, 8, 8\)"):
+        propagator(params, torch.zeros(4, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cylinder radius must be positive"):
+        Propagator(UniformField(), [CylinderLayer(radius=-5.0)])
+    with pytest.raises(ValueError, match="thickness must be >= 0"):
+        Propagator(UniformField(), [CylinderLayer(radius=5.0, thickness=-1.0)])
+    with pytest.raises(ValueError, match="unknown particle"):
+        Propagator(UniformField(), LAYERS, particle="graviton")
+    with pytest.raises(ValueError, match="scattering must be one of"):
+        Propagator(UniformField(), LAYERS, scattering="sometimes")
+    with pytest.raises(ValueError, match="radius and half_length must be positive"):
+        SolenoidField(radius=0.0)
+    with pytest.raises(TypeError, match="stepper must be"):
+        Propagator(UniformField(), LAYERS, stepper="rk4")
+    with pytest.raises(ValueError, match="step_size must be a positive length"):
+        RK4(step_size=-1.0)
+    with pytest.raises(ValueError, match="layers must contain at least one layer"):
+        Propagator(UniformField(), [])
+
+
+def test_adaptive_stepper_agrees_with_rk4():
+    params = _params(32, seed=3)
+    fine = Propagator(SolenoidField(2.0, 1200.0, 3000.0), LAYERS, stepper=AdaptiveRKN(tolerance=1e-6))
+    coarse = Propagator(SolenoidField(2.0, 1200.0, 3000.0), LAYERS, stepper=RK4(10.0))
+    with torch.no_grad():
+        a, b = fine(params), coarse(params)
+    assert torch.equal(a.valid, b.valid)
+    assert (a.local - b.local)[a.valid].abs().max() < 1e-3
+
+
+def test_cli_run_writes_hits(tmp_path):
+    path = tmp_path / "hits.h5"
+    result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "300", "--field", "solenoid", "--device", "cpu",
+                                       "--seed", "5", "--batch-size", "128", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    events = read_events(path)
+    assert events.n_events == 300
+    n_layers = events.fixed["local"].shape[1]
+    assert events.fixed["free"].shape == (300, n_layers, 8)
+    assert events.fixed["initial"].shape == (300, 8)
+    valid = events.fixed["valid"].astype(bool)
+    assert valid[:, 0].mean() > 0.9
+    assert np.isfinite(events.fixed["local"]).all() and (events.fixed["local"][~valid] == 0).all()
+    radii = np.linalg.norm(events.fixed["free"][:, :, :2], axis=-1)
+    np.testing.assert_allclose(radii[valid], np.broadcast_to(events.metadata["parameters"]["radii"], radii.shape)[valid],
+                               rtol=1e-5)
+    assert events.metadata["parameters"]["field"] == "solenoid" and events.metadata["seed"] == 5
+    again = tmp_path / "again.h5"
+    CliRunner().invoke(main, ["run", "propagate", "--tracks", "300", "--seed", "5", "--batch-size", "128",
+                              "-o", str(again)])
+    np.testing.assert_array_equal(read_events(again).fixed["local"], events.fixed["local"])
+    assert math.isfinite(float(events.fixed["path_length"].max()))

@@ -143,11 +143,12 @@ def residuals_against(physics, measured: torch.Tensor, sigma: torch.Tensor, radi
     return residuals_of
 
 
-def new_encoder(setup: Setup, train_hits: torch.Tensor, seed: int) -> TrackEncoder:
+def new_encoder(setup: Setup, train_hits: torch.Tensor, seed: int, reduce=None) -> TrackEncoder:
+    """The encoder all methods share, whitened on ``train_hits`` (``reduce``: sum over processes)."""
     torch.manual_seed(seed)
     encoder = TrackEncoder(len(setup.radii), setup.hidden, d0_scale=setup.d0_sigma, z0_scale=setup.z0_sigma,
                            phi_scale=0.01, cot_scale=1.0, qpt_max=2.0 / setup.pt_range[0])
-    return encoder.to(train_hits.dtype).calibrate(train_hits)
+    return encoder.to(train_hits.dtype).calibrate(train_hits, reduce=reduce)
 
 
 def train_through(hits_of, setup: Setup, train: dict, sigma, seed: int, advance) -> tuple[TrackEncoder, list]:
@@ -362,6 +363,7 @@ def plot(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 4, figsize=(15, 7))
     styles = {"hybrid": "o-", "hybrid+refine": "s-", "surrogate": "v--", "supervised": "^-", "direct": "x:"}
@@ -374,9 +376,13 @@ def plot(result: dict, path: str) -> None:
         ax.axhline(reference[0], color="k", ls="--", lw=1, label="least-squares fit")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        sizes = sorted({r["n_train"] for r in result["rows"] if r["n_train"]})
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("training tracks")
         ax.set_ylabel("sigma68 " + label)
     axes.flat[0].legend(fontsize=8)
+    axes.flat[len(REPORTED)].legend(fontsize=8)
     ax = axes.flat[len(COLUMNS)]
     for key, history in result["histories"].items():
         ax.plot(range(len(history)), history, "o-", label=key)

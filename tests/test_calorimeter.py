@@ -131,7 +131,8 @@ def test_kernel_matches_torch_reference():
         mean_cells = calo.expected_cells(energy, impact, shower_normals)
     torch.testing.assert_close(simulated, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(mean_cells, means, rtol=1e-12, atol=1e-14)
-    medium = calo.medium()
+    with torch.no_grad():
+        medium = calo.medium()
     ref_medium = reference.effective_medium(design)
     for ours, theirs in (("radiation_length", "x0"), ("moliere_radius", "rm"), ("critical_energy", "ec"),
                          ("atomic_number", "z"), ("visible_fraction", "visible")):

@@ -84,9 +84,9 @@ def test_sampled_scattering_has_highland_width_and_matches_the_transported_covar
         assert np.std(projected) == pytest.approx(theta0, rel=0.03)
         assert abs(np.mean(projected)) < 4 * theta0 / math.sqrt(n)
     # the same scattering as a covariance, transported to the far disk
-    zero = F64.Float(np.zeros(1))
+    zero = F64.Float(np.zeros(2))
     covariance = [[zero for _ in range(8)] for _ in range(8)]
-    transported = _disks_in_vacuum(starts[:1], thickness, scattering="covariance", energy_loss=False,
+    transported = _disks_in_vacuum(starts[:2], thickness, scattering="covariance", energy_loss=False,
                                    covariance=covariance)
     position_cov = np.array([[transported.covariance[1][i][j][0] for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(position_cov, (lever * theta0) ** 2 * np.eye(2), rtol=1e-9, atol=1e-9)

@@ -64,7 +64,8 @@ def test_non_unit_directions_are_normalised_and_float32_agrees(propagator):
 
 
 def test_neutral_track_is_a_straight_line(propagator):
-    params = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.6, 0.8, 0.2, 0.0]], dtype=torch.float64)
+    params = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.6, 0.8, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.6, 0.8, 0.2, 0.5]],
+                          dtype=torch.float64)
     with torch.no_grad():
         out = propagator(params)
     assert out.valid[0, :3].all()

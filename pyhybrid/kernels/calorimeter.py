@@ -35,9 +35,11 @@ All random numbers enter as standard normals (reparametrised): the cell energies
 are differentiable almost everywhere in every continuous input, so Dr.Jit AD
 gives pathwise gradients of expectations.
 
-Layout: one lane per (shower, readout segment); lane j is shower j // n_segments,
-segment j % n_segments. Cell outputs are ``n_cells**2`` arrays of those lanes,
-cell (ix, iy) at index ix * n_cells + iy (ix along x). Units: GeV, mm.
+Layout: cell outputs are ``n_cells**2`` arrays with one lane per (shower, readout segment),
+lane j is shower j // n_segments, segment j % n_segments; cell (ix, iy) is at index
+ix * n_cells + iy (ix along x). Internally the depth integral runs one lane per (shower,
+segment, quadrature node), then sums blocks of nodes: the kernel and its adjoint stay small
+(fast LLVM/CUDA compilation) while every lane does the same work. Units: GeV, mm.
 """
 from __future__ import annotations
 

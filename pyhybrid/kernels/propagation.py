@@ -244,6 +244,10 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
         running = loop.status == RUNNING
         limited = dr.abs(loop.distance) < loop.h
         h = dr.select(limited, loop.distance, dr.select(loop.crossed, -loop.h, loop.h))
+        if not stepper.adaptive:
+            # A step of size 0 is exactly the identity (values and tangents): finished lanes need no
+            # select, so the old state need not stay alive across the step (fewer live registers).
+            h = dr.select(running, h, 0.0)
         tangents = [TangentColumn(d_r, d_t, dl, fp) for (d_r, d_t), (dl, fp) in zip(loop.columns, metadata)]
         r_new, t_new, error, new_columns = nystrom_step(field, stepper.tableau, loop.r, loop.t, lam, h,
                                                         tangents if columns else None,
@@ -253,17 +257,19 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
             h_next = stepper.next_step(dr.abs(h), error)
             loop.h = dr.select(running & ~(accept & limited), h_next, loop.h)
             loop.max_error = dr.select(running & accept, dr.maximum(loop.max_error, error), loop.max_error)
+            advance = running & accept
+            r_new = tuple(dr.select(advance, a, b) for a, b in zip(r_new, loop.r))
+            t_new = tuple(dr.select(advance, a, b) for a, b in zip(t_new, loop.t))
+            new_columns = [TangentColumn(tuple(dr.select(advance, a, b) for a, b in zip(new.dr, d_r)),
+                                         tuple(dr.select(advance, a, b) for a, b in zip(new.dt, d_t)))
+                           for new, (d_r, d_t) in zip(new_columns or [], loop.columns)]
+            h = dr.select(advance, h, 0.0)
         else:
-            accept = True
-        advance = running & accept
+            advance = running
         loop.accepted = dr.select(advance, loop.accepted + 1, loop.accepted)
-        loop.r = tuple(dr.select(advance, a, b) for a, b in zip(r_new, loop.r))
-        loop.t = tuple(dr.select(advance, a, b) for a, b in zip(t_new, loop.t))
-        loop.s = loop.s + dr.select(advance, h, 0.0)
+        loop.r, loop.t, loop.s = r_new, t_new, loop.s + h
         if columns:
-            loop.columns = [(tuple(dr.select(advance, a, b) for a, b in zip(new.dr, d_r)),
-                             tuple(dr.select(advance, a, b) for a, b in zip(new.dt, d_t)))
-                            for new, (d_r, d_t) in zip(new_columns, loop.columns)]
+            loop.columns = [(new.dr, new.dt) for new in new_columns]
         loop.iterations = dr.select(running, loop.iterations + 1, loop.iterations)
         loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running)
         return (loop,)
@@ -495,7 +501,9 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
                            tuple(v / norm + zero for v in params.direction), params.qop + zero)
     dr.eval(state)
     alive = dr.full(types.Bool, True, n)
-    path_total = zero
+    path_total = dr.zeros(types.Float, n)
+    # Start values as memory, not literals: the first layer then compiles to the same kernels as the others.
+    dr.make_opaque(alive, path_total)
     record = JacobianRecord(n_field, direction=state.direction, direction_norm=norm + zero) if jacobian else None
     cov = [[covariance[i][j] + zero for j in range(8)] for i in range(8)] if covariance is not None else None
     hits = LayerHits(free=[], local=[], path=[], valid=[],
@@ -629,10 +637,12 @@ def layers_vjp(record: JacobianRecord, grad_free: list, grad_local: list, grad_p
     """
     n_field = record.n_field
     n_columns = 8 + n_field + 2
+    dr.eval(grad_free, grad_local, grad_path)  # once, so that the per-layer sweeps share one compiled kernel
     zero = record.direction_norm * 0.0
-    adjoint = [zero] * 8                 # d loss / d (free parameters after the current layer)
-    adjoint_path = zero                  # d loss / d (path length of the current segment)
-    grad_field = [zero] * n_field
+    adjoint = [dr.zeros(type(zero), dr.width(zero)) for _ in range(8)]  # d loss / d (state after the layer)
+    adjoint_path = dr.zeros(type(zero), dr.width(zero))                   # d loss / d (segment path length)
+    grad_field = [dr.zeros(type(zero), dr.width(zero)) for _ in range(n_field)]
+    dr.make_opaque(adjoint, adjoint_path, grad_field)  # every layer's sweep then compiles to the same kernel
     n_layers = len(record.hit)
     grad_positions, grad_thickness = [zero] * n_layers, [zero] * n_layers
     for k in reversed(range(n_layers)):

@@ -104,14 +104,15 @@ class CalorimeterDesign(nn.Module):
         self.calorimeter = calorimeter
         s = calorimeter.segmentation
         self.regression = regression if regression is not None else EnergyRegression(s.n_segments, s.n_cells)
-        self.regression.to(dtype=calorimeter.absorber_thickness.dtype)
+        self.regression.to(dtype=calorimeter.absorber_thickness.dtype, device=calorimeter.absorber_thickness.device)
         self.energy_range = (float(low), float(high))
         self.cost_weight, self.absorber_price, self.active_price = cost_weight, absorber_price, active_price
         self.bounds = dict(bounds or {})
         design_names = {name for name, _ in calorimeter.named_parameters()}
         unknown = set(self.bounds) - design_names
         if unknown:
-            raise ValueError(f"bounds given for {sorted(unknown)}, which are not design parameters {sorted(design_names)}")
+            raise ValueError(f"bounds given for {sorted(unknown)}, which are not design parameters "
+                             f"{sorted(design_names)}")
 
     def design_parameters(self) -> list[nn.Parameter]:
         return list(self.calorimeter.parameters())
@@ -234,11 +235,14 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
     point) the network is trained with :func:`fit_regression` on ``train_showers`` and J is
     evaluated on ``validation_showers`` with the same seed at every point (common random numbers).
     Returns ``{"names", "values": [axis values], "loss", "resolution", "cost": arrays of the grid's
-    shape, "best": {name: value}}``. The design is restored afterwards.
+    shape, "best": {name: value}}``. The design is restored afterwards; the network keeps the weights
+    of the last grid point.
     """
     names = list(grid)
+    if not names:
+        raise ValueError("grid must name at least one design parameter")
     axes = [torch.as_tensor(list(values), dtype=torch.float64) for values in grid.values()]
-    mesh = torch.cartesian_prod(*axes).reshape(-1, len(axes)) if axes else torch.empty(0)
+    mesh = torch.cartesian_prod(*axes).reshape(-1, len(axes))
     saved = {name: design.calorimeter.get_parameter(name).detach().clone() for name in names}
     results = {key: torch.empty(mesh.shape[0], dtype=torch.float64) for key in ("loss", "resolution", "cost")}
     for index, point in enumerate(mesh):
@@ -264,7 +268,8 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
     """Fit sigma/E = a/sqrt(E) (+) b/E (+) c to the relative residuals in log-spaced energy bins.
 
     Returns ``{"stochastic": a [GeV^1/2], "noise": b [GeV], "constant": c}``: the non-negative least-squares
-    fit of the binned variances (exact: the best of the unconstrained fits on every subset of terms)."""
+    fit of the binned variances with relative weights (exact: the best of the unconstrained fits on every
+    subset of terms)."""
     energy, predicted = energy.detach().double().cpu(), predicted.detach().double().cpu()
     edges = torch.logspace(math.log10(float(energy.min())), math.log10(float(energy.max())) + 1e-9, bins + 1,
                            dtype=torch.float64)
@@ -274,13 +279,14 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
         if int(inside.sum()) < 20:
             continue
         e = energy[inside]
-        mean_e = float(e.mean())
-        rows.append([1.0 / mean_e, 1.0 / mean_e**2, 1.0])
+        rows.append([float((1.0 / e).mean()), float((1.0 / e**2).mean()), 1.0])  # bin averages of the terms
         variances.append(float(((predicted[inside] - e) / e).var()))
     if len(rows) < 3:
         raise ValueError("need at least 3 energy bins with >= 20 entries to fit three terms")
-    design_matrix = torch.tensor(rows, dtype=torch.float64)
+    # Relative residuals: a binned variance's statistical error is proportional to it.
     target = torch.tensor(variances, dtype=torch.float64)
+    design_matrix = torch.tensor(rows, dtype=torch.float64) / target[:, None]
+    target = torch.ones_like(target)
     best, best_residual = torch.zeros(3, dtype=torch.float64), float(target.square().sum())
     for subset in ([0], [1], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2]):
         solution = torch.linalg.lstsq(design_matrix[:, subset], target.unsqueeze(1)).solution.squeeze(1)
@@ -299,9 +305,12 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
 
 #: Perigee track parameters of :class:`TrackerDesign`: d0 [mm], z0 [mm], phi, theta [rad], q/p [e/GeV].
 PERIGEE_NAMES = ("d0", "z0", "phi", "theta", "qop")
-#: Central-difference steps in d0, z0 [mm], phi, theta [rad]; q/p uses 1e-6 of its value.
-_PERIGEE_STEPS = (1e-4, 1e-4, 1e-6, 1e-6)
-_QOP_RELATIVE_STEP = 1e-6
+#: Central-difference steps in d0, z0 [mm], phi, theta [rad]; q/p uses 1e-4 of its value. Large
+#: enough that the propagator's navigation noise (~1e-9 mm with the surface tolerance below) stays
+#: below 1e-6 of the derivatives, small enough for a truncation error below 1e-7.
+_PERIGEE_STEPS = (1e-2, 1e-2, 1e-4, 1e-4)
+_QOP_RELATIVE_STEP = 1e-4
+_SURFACE_TOLERANCE = 1e-5  # mm
 
 
 def perigee_to_free(perigee: torch.Tensor) -> torch.Tensor:
@@ -394,7 +403,7 @@ class TrackerDesign(nn.Module):
         layers = [CylinderLayer(radius=float(r), thickness=1.0, material=m.name)
                   for r, m in zip(self._positions().tolist(), self.materials)]
         self.propagator = Propagator(UniformField((0.0, 0.0, b_field)), layers, particle=particle,
-                                     energy_loss=True, scattering="none")
+                                     energy_loss=True, scattering="none", surface_tolerance=_SURFACE_TOLERANCE)
         self.propagator.requires_grad_(False)
         self.check()
 
@@ -447,7 +456,8 @@ class TrackerDesign(nn.Module):
         zero = torch.zeros_like(pt)
         perigee = torch.stack([zero, zero, zero, theta, qop], dim=1)
         steps = torch.cat([pt.new_tensor(_PERIGEE_STEPS).expand(n, 4), (_QOP_RELATIVE_STEP * qop.abs())[:, None]], 1)
-        offsets = torch.cat([pt.new_zeros(1, 5), torch.eye(5, dtype=pt.dtype), -torch.eye(5, dtype=pt.dtype)])
+        identity = torch.eye(5, dtype=pt.dtype, device=pt.device)
+        offsets = torch.cat([pt.new_zeros(1, 5), identity, -identity])
         tracks = perigee[:, None, :] + offsets[None] * steps[:, None, :]  # (n, 11, 5)
         out = torch.func.functional_call(self.propagator, {"positions": self._positions(),
                                                            "thickness": self._thicknesses()},
@@ -468,12 +478,13 @@ class TrackerDesign(nn.Module):
 
         # Scattering angles (alpha_1 transverse to the direction in phi, alpha_2 in theta) at layer j.
         centre = state[:, 0]
-        kick = torch.zeros(n, n_all, 5, 2, dtype=pt.dtype)
+        kick = pt.new_zeros(n, n_all, 5, 2)
         kick[..., 2, 0] = 1.0
         kick[..., 3, 1] = 1.0
         kick = kick / torch.stack([torch.sin(centre[..., 3]), torch.ones_like(centre[..., 3])], -1)[..., None, :]
         response = torch.linalg.solve(state_jacobian, kick)  # D_j^-1 (d state_j / d alpha): (n, L, 5, 2)
-        later = torch.arange(n_all)[:, None] > torch.arange(n_all)[None, :]  # hit l after scatterer j
+        layer = torch.arange(n_all, device=pt.device)
+        later = layer[:, None] > layer[None, :]  # hit l after scatterer j
         kinks = torch.einsum("nlap,njpb->nlajb", hits, response) * later[None, :, None, :, None]
         kinks = kinks.reshape(n, 2 * n_all, 2 * n_all)
 
@@ -486,7 +497,7 @@ class TrackerDesign(nn.Module):
                                            mass=self.mass) for j, m in enumerate(self.materials)], dim=1)
         scattering = (theta0 ** 2).repeat_interleave(2, dim=1)  # (n, 2L)
 
-        measured = torch.ones(n_all, dtype=torch.bool)
+        measured = torch.ones(n_all, dtype=torch.bool, device=pt.device)
         if self.beam_pipe is not None:
             measured[0] = False
         mask = (valid & measured[None, :]).repeat_interleave(2, dim=1).to(pt.dtype)  # (n, 2L)

@@ -121,13 +121,24 @@ class Whiten(nn.Module):
         self.register_buffer("matrix", torch.eye(features))
 
     @torch.no_grad()
-    def from_samples(self, samples: torch.Tensor) -> "Whiten":
+    def from_samples(self, samples: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                     ) -> "Whiten":
+        """Set mean and W from samples (N, features).
+
+        ``reduce``: optional sum over processes (e.g. an all-reduce), applied to
+        the count, sum and sum of outer products, so that data-parallel workers
+        holding different samples get the same map.
+        """
         check_tensor(samples, "samples", shape=(None, self.mean.numel()))
-        if samples.shape[0] < 2:
-            raise ValueError(f"samples needs at least 2 rows, got {samples.shape[0]}")
         x = samples.to(torch.float64)
-        mean = x.mean(0)
-        covariance = (x - mean).T @ (x - mean) / (x.shape[0] - 1)
+        moments = [torch.tensor(float(x.shape[0]), dtype=torch.float64), x.sum(0), x.T @ x]
+        if reduce is not None:
+            moments = [reduce(m) for m in moments]
+        count, total, outer = moments
+        if count < 2:
+            raise ValueError(f"samples needs at least 2 rows, got {int(count)}")
+        mean = total / count
+        covariance = (outer - count * torch.outer(mean, mean)) / (count - 1)
         eigenvalues, vectors = torch.linalg.eigh(covariance)
         eigenvalues = eigenvalues.clamp_min(self.floor * float(eigenvalues.max().clamp_min(1e-300)))
         self.mean.copy_(mean)
@@ -156,26 +167,38 @@ class LinearPlusMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.network(x)
 
+    @torch.no_grad()
+    def solve_linear(self, x: torch.Tensor, y: torch.Tensor, *, ridge: float = 1e-8,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Set the linear part to the least-squares fit of ``y`` (N, out) on ``x`` (N, in); zero the MLP.
+
+        ``ridge`` x N is added to the diagonal of the normal matrix. ``reduce``:
+        optional sum over processes applied to the normal equations (data-parallel
+        workers holding different samples then get the same solution).
+        """
+        check_tensor(y, "y", shape=(x.shape[0], self.linear.out_features))
+        design = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        gram, rhs = design.T @ design, design.T @ y
+        count = torch.tensor(float(x.shape[0]), dtype=x.dtype)
+        if reduce is not None:
+            gram, rhs, count = reduce(gram), reduce(rhs), reduce(count)
+        gram = gram + ridge * count * torch.eye(design.shape[1], dtype=x.dtype)
+        solution = torch.linalg.solve(gram, rhs)
+        self.linear.weight.copy_(solution[:-1].T)
+        self.linear.bias.copy_(solution[-1])
+        nn.init.zeros_(self.network[-1].weight)
+        nn.init.zeros_(self.network[-1].bias)
+
     def fit(self, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
             ridge: float = 1e-8, seed: int = 0, advance: Callable[[int], None] | None = None) -> list[float]:
         """Regress onto targets ``y`` (N, out) for inputs ``x`` (N, in).
 
-        The linear part is the ridge-regularised least-squares solution
-        (``ridge`` x N added to the diagonal of the normal matrix), the MLP's last
-        layer is reset to zero and the MLP is then trained by :func:`fit` for
-        ``steps`` Adam steps on the mean squared error standardised by the
-        spread of ``y``. Returns the Adam losses.
+        :meth:`solve_linear`, then ``steps`` Adam steps of the MLP (:func:`fit`)
+        on the mean squared error standardised by the spread of ``y``. Returns
+        the Adam losses.
         """
-        check_tensor(y, "y", shape=(x.shape[0], self.linear.out_features))
-        with torch.no_grad():
-            design = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-            gram = design.T @ design + ridge * x.shape[0] * torch.eye(design.shape[1], dtype=x.dtype)
-            solution = torch.linalg.solve(gram, design.T @ y)
-            self.linear.weight.copy_(solution[:-1].T)
-            self.linear.bias.copy_(solution[-1])
-            nn.init.zeros_(self.network[-1].weight)
-            nn.init.zeros_(self.network[-1].bias)
-            scale = y.std(0).clamp_min(1e-12)
+        self.solve_linear(x, y, ridge=ridge)
+        scale = y.std(0).clamp_min(1e-12)
 
         def loss_of_batch(indices):
             return ((self(x[indices]) - y[indices]) / scale).pow(2).mean()
@@ -492,9 +515,10 @@ class TrackEncoder(nn.Module):
         return hits.transpose(1, 2).flatten(1)  # (r*phi of all layers, z of all layers)
 
     @torch.no_grad()
-    def calibrate(self, hits: torch.Tensor) -> "TrackEncoder":
-        """Whiten the network inputs on a sample of hits (N, L, 2)."""
-        self.input_norm.from_samples(self._features(hits))
+    def calibrate(self, hits: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> "TrackEncoder":
+        """Whiten the network inputs on a sample of hits (N, L, 2) (``reduce``: see :meth:`Whiten.from_samples`)."""
+        self.input_norm.from_samples(self._features(hits), reduce=reduce)
         return self
 
     def raw(self, hits: torch.Tensor) -> torch.Tensor:
@@ -536,27 +560,42 @@ class HitCorrection(nn.Module):
     """Learned per-hit shift of barrel measurements, a correction for :class:`Component`.
 
     ``forward(x, y)``: ``y`` are physics hits (N, L, 2) = (r*phi, z) [mm] in the
-    global frame on layers of ``radii`` (L,) [mm]; returns the shift (N, L, 2)
-    [mm] to add to them. One small network is applied to every hit, with the
-    hit's position as features (r / max radius, cos phi, sin phi, z /
-    ``z_scale``), so it can represent any smooth map of detector distortions
-    (sensor bows, layer deformations). Its output is multiplied by
-    ``output_scale`` [mm] and starts at exactly zero.
+    global frame on the L layers; returns the shift (N, L, 2) [mm] to add to
+    them. One small network is applied to every hit, with the hit's layer
+    (one-hot), its azimuth (cos k phi, sin k phi for k = 1..``harmonics``) and
+    z / ``z_scale`` as features, so it can represent smooth, layer-dependent
+    maps of detector distortions (sensor bows, layer deformations, tilts). Its
+    output is multiplied by ``output_scale`` [mm] and starts at exactly zero.
+    ``layers``: indices of the layers it may correct (default: all); the
+    others are references (e.g. an aligned pixel detector), which removes the
+    distortions that tracks could otherwise absorb into their own parameters.
     """
 
-    def __init__(self, radii: Sequence[float], *, z_scale: float = 1000.0, hidden: Sequence[int] = (64, 64),
-                 output_scale: float = 0.1):
+    def __init__(self, radii: Sequence[float], *, layers: Sequence[int] | None = None, harmonics: int = 3,
+                 z_scale: float = 1000.0, hidden: Sequence[int] = (64, 64), output_scale: float = 0.1):
         super().__init__()
         self.register_buffer("radii", torch.as_tensor(list(radii), dtype=torch.float64))
-        self.z_scale, self.output_scale = float(z_scale), float(output_scale)
-        self.network = MLP(4, 2, hidden, zero_last=True)
+        if harmonics < 1:
+            raise ValueError(f"harmonics must be >= 1, got {harmonics}")
+        mask = torch.zeros(self.radii.numel(), dtype=torch.float64)
+        chosen = list(range(self.radii.numel())) if layers is None else list(layers)
+        if not chosen or min(chosen) < 0 or max(chosen) >= self.radii.numel():
+            raise ValueError(f"layers must be indices in [0, {self.radii.numel()}), got {chosen}")
+        mask[chosen] = 1.0
+        self.register_buffer("mask", mask)
+        self.harmonics, self.z_scale, self.output_scale = int(harmonics), float(z_scale), float(output_scale)
+        self.network = MLP(self.radii.numel() + 2 * self.harmonics + 1, 2, hidden, zero_last=True)
 
     def forward(self, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
         check_tensor(y, "y (hits)", shape=(None, self.radii.numel(), 2))
-        radii = self.radii.to(y.dtype).expand(y.shape[:2])
-        phi = y[..., 0] / radii
-        features = torch.stack([radii / radii.max(), torch.cos(phi), torch.sin(phi), y[..., 1] / self.z_scale], dim=-1)
-        return self.network(features.to(self.network[0].weight.dtype)).to(y.dtype) * self.output_scale
+        n, n_layers = y.shape[:2]
+        phi = y[..., 0] / self.radii.to(y.dtype)
+        k = torch.arange(1, self.harmonics + 1, dtype=y.dtype)
+        layer = torch.eye(n_layers, dtype=y.dtype).expand(n, n_layers, n_layers)
+        features = torch.cat([layer, torch.cos(phi[..., None] * k), torch.sin(phi[..., None] * k),
+                              y[..., 1:2] / self.z_scale], dim=-1)
+        shift = self.network(features.to(self.network[0].weight.dtype)).to(y.dtype)
+        return shift * (self.output_scale * self.mask.to(y.dtype))[:, None]
 
 
 def local_residuals(predicted: torch.Tensor, measured: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:

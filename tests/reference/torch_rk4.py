@@ -38,7 +38,7 @@ def solenoid_field(b0, radius, half_length):
         inv = 1.0 / torch.sqrt(d)
         return zeta * inv, radius ** 2 * inv ** 3, -3.0 * radius ** 2 * zeta * inv ** 5
 
-    norm = b0 * math.sqrt(half_length ** 2 + radius ** 2) / (2.0 * half_length)
+    norm = b0 * (half_length ** 2 + radius ** 2) ** 0.5 / (2.0 * half_length)
 
     def field(x, y, z):
         up, um = u(z + half_length), u(z - half_length)
@@ -112,7 +112,8 @@ def propagate_cylinders(params, radii, half_lengths, field, step, *, thickness=N
     """Propagate params (N, 8) through cylinders in order; returns dict of tensors and the step count.
 
     free (N, L, 8), local (N, L, 2) = (R phi, z), path (N, L), valid (N, L); ``steps``: the
-    number of track-steps taken (lanes x iterations while running).
+    number of track-steps taken (lanes x iterations while running). Radii, half-lengths, thickness
+    and the field parameters may be tensors that require grad.
     """
     r = tuple(params[:, i] for i in range(3))
     time = params[:, 3]

@@ -13,7 +13,7 @@ the two must agree within the scan's step. Writes a PNG with the design paramete
 resolution against iteration, the scanned objective with the optimisation path, and sigma/E(E) of
 the start and optimised designs.
 
-    python examples/detector_design.py --quick      # ~ 2-4 minutes on 2 CPU cores
+    python examples/detector_design.py --quick      # ~ 3 minutes on 2 CPU cores
     python examples/detector_design.py              # finer statistics, longer
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def plot(history, scan, optimum, start_curve, end_curve, path):
     mesh = ax.pcolormesh(xs, ys, scan["loss"].T, shading="nearest", cmap="viridis",
                          norm=matplotlib.colors.LogNorm())
     fig.colorbar(mesh, ax=ax, label="J = resolution$^2$ + cost term")
-    ax.plot([d[x_name] for d in history.design], [d[y_name] for d in history.design], color="w", lw=1,
+    ax.plot([d[x_name] for d in history.design], [d[y_name] for d in history.design], color="tab:orange", lw=1.2,
             label="joint optimisation")
     ax.plot(scan["best"][x_name], scan["best"][y_name], "s", mfc="none", mec="r", ms=14, label="grid minimum")
     ax.plot(optimum[x_name], optimum[y_name], "*", color="r", ms=12, label="optimum (averaged)")

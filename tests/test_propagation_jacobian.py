@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from pyhybrid.kernels import fields
-from pyhybrid.kernels.propagation import Layer, PropagationOptions, propagate_layers, propagate_path
+from pyhybrid.kernels.propagation import PropagationOptions, propagate_path
 from pyhybrid.kernels.steppers import RK4, AdaptiveRKN
-from pyhybrid.kernels.surfaces import Cylinder
 from pyhybrid.nn.propagator import _PROPAGATE, _propagate_kernel, DiskLayer, GridField, Propagator, SolenoidField, barrel
 from test_propagation_support import F64, kernel_params, numpy_columns
 

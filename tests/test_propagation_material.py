@@ -9,10 +9,10 @@ from pyhybrid.kernels import fields
 from pyhybrid.kernels.material import SILICON, highland_theta0, mass_stopping_power
 from pyhybrid.kernels.propagation import Layer, PropagationOptions, propagate_layers
 from pyhybrid.kernels.steppers import RK4
-from pyhybrid.kernels.surfaces import Disk, Plane
+from pyhybrid.kernels.surfaces import Disk
 from pyhybrid.nn.propagator import PlaneLayer, Propagator, UniformField
 from pyhybrid.units import MUON_MASS
-from test_propagation_support import F64, kernel_params, numpy_columns
+from test_propagation_support import F64, kernel_params
 
 # PDG Atomic and Nuclear Properties, muons in silicon: ionisation -dE/dx [MeV cm^2/g] at kinetic energy [GeV]
 PDG_MUON_SILICON = [(0.1, 1.849), (1.0, 1.803), (10.0, 2.177), (100.0, 2.451)]

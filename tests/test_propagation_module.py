@@ -161,3 +161,17 @@ def test_cli_run_writes_hits(tmp_path):
                               "-o", str(again)])
     np.testing.assert_array_equal(read_events(again).fixed["local"], events.fixed["local"])
     assert math.isfinite(float(events.fixed["path_length"].max()))
+
+
+def test_benchmark_workload_step_count():
+    """pyhybrid/bench/propagate.py counts work as tracks x STEPS_PER_TRACK: keep the constant honest."""
+    from pyhybrid.bench import propagate as bench
+    from reference import torch_rk4
+
+    params = bench.workload(300, "cpu", "float64")
+    with torch.no_grad():
+        out = torch_rk4.propagate_cylinders(params, list(bench.RADII), [bench.HALF_LENGTH] * len(bench.RADII),
+                                            torch_rk4.solenoid_field(*bench.SOLENOID), bench.STEP,
+                                            thickness=torch.full((len(bench.RADII),), bench.THICKNESS,
+                                                                 dtype=torch.float64))
+    assert out["steps"] / 300 == pytest.approx(bench.STEPS_PER_TRACK, rel=0.03)

@@ -92,11 +92,13 @@ def _setup(gradient: str | None):
         def torch_call():
             like = dict(dtype=params.dtype, device=device)
             p = params.detach().requires_grad_(gradient is not None)
-            field_params = torch.tensor(SOLENOID, **like).requires_grad_(everything)
-            radii = torch.tensor(RADII, **like).requires_grad_(everything)
             thickness = torch.full((len(RADII),), THICKNESS, **like).requires_grad_(everything)
+            field_params, radii = SOLENOID, list(RADII)
+            if everything:  # leaves for torch autograd
+                field_params = torch.tensor(SOLENOID, **like, requires_grad=True)
+                radii = list(torch.tensor(RADII, **like, requires_grad=True))
             with torch.set_grad_enabled(gradient is not None):
-                out = reference.propagate_cylinders(p, list(radii), [HALF_LENGTH] * len(RADII),
+                out = reference.propagate_cylinders(p, radii, [HALF_LENGTH] * len(RADII),
                                                     reference.solenoid_field(*field_params), STEP,
                                                     thickness=thickness)
                 if gradient is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import drjit as dr
 
@@ -94,6 +95,10 @@ class RunningCoupling:
 
     def references(self) -> tuple[tuple[float, float, float, int], ...]:
         """(t_ref [GeV^2], a_ref, d a_ref / d alpha_s(mZ), nf) of the 5-, 4- and 3-flavour regions."""
+        return self._references
+
+    @cached_property
+    def _references(self):
         mz2, mb2, mc2 = self.mz**2, self.mb**2, self.mc**2
         a_b, da_b = _two_loop(math.log(mb2 / mz2), self.alpha_s_mz, beta0(5), beta1(5) / beta0(5))
         a_c, da_c_db = _two_loop(math.log(mc2 / mb2), a_b, beta0(4), beta1(4) / beta0(4))
@@ -104,7 +109,7 @@ class RunningCoupling:
         low, high = 1e-6, self.mc**2
         if self(high) > 1.0:
             raise ValueError(f"alpha_s(mc) > 1 for alpha_s(mZ) = {self.alpha_s_mz}")
-        for _ in range(100):  # bisection in ln t; alpha_s decreases with t above the Landau pole
+        for _ in range(60):  # bisection in ln t; alpha_s decreases with t above the Landau pole
             middle = math.sqrt(low * high)
             w_ok = 1.0 + beta0(3) * self.references()[2][1] * math.log(middle / self.mc**2) > 0.0
             if w_ok and self(middle) <= 1.0:

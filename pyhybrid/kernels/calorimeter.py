@@ -354,7 +354,7 @@ def _node_contributions(energy, impact_x, impact_y, z1, z2, design: Design, segm
 
     medium = effective_medium(design)
     distribution = profile_distribution(energy, medium)
-    shower_max, alpha, beta = fluctuated_profile(distribution, z1, z2)
+    _, alpha, beta = fluctuated_profile(distribution, z1, z2)
     mean_alpha = dr.exp(distribution.mean_log_alpha)
     # tau = t / <t>_shower * (<t> / T)_average shower (Geant4 GFlash)
     tau_per_depth = beta / alpha * mean_alpha / (mean_alpha - 1.0)

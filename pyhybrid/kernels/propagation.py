@@ -49,7 +49,7 @@ from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import KernelTypes, types_of
 from pyhybrid.kernels.material import Material, interact
 from pyhybrid.kernels.steppers import RK4, AdaptiveRKN, TangentColumn, nystrom_step
-from pyhybrid.kernels.surfaces import NO_INTERSECTION, Cylinder, Disk, Plane
+from pyhybrid.kernels.surfaces import Cylinder, Disk, Plane
 from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
 
 __all__ = ["Particle", "MUON", "PION", "KAON", "PROTON", "PARTICLES", "FreeParameters", "Layer",

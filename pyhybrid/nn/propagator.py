@@ -61,8 +61,6 @@ def _scalar_parameter(value: float, requires_grad: bool) -> nn.Parameter:
 class UniformField(nn.Module):
     """Uniform field ``b`` = (bx, by, bz) [T]; ``b`` is an ``nn.Parameter`` (frozen unless requires_grad)."""
 
-    kind = "uniform"
-
     def __init__(self, b: Sequence[float] = (0.0, 0.0, 2.0), *, requires_grad: bool = False):
         super().__init__()
         b = torch.as_tensor(b, dtype=torch.float64)
@@ -86,8 +84,6 @@ class SolenoidField(nn.Module):
     solenoid of R = 1.2 m and L = 3 m). All three are ``nn.Parameter`` s (frozen unless
     ``requires_grad``).
     """
-
-    kind = "solenoid"
 
     def __init__(self, b0: float = 2.0, radius: float = 1200.0, half_length: float = 3000.0, *,
                  requires_grad: bool = False):
@@ -123,8 +119,6 @@ class GridField(nn.Module):
     values through propagation are not provided (they would need the adjoint of
     the whole trajectory).
     """
-
-    kind = "grid"
 
     def __init__(self, values: torch.Tensor, origin: Sequence[float], spacing: Sequence[float], *,
                  scale: float = 1.0, trainable_values: bool = False, trainable_scale: bool = False):

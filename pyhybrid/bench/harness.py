@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-BENCH_MODULES = ("propagate", "me", "shower", "calorimeter")
+BENCH_MODULES = ("propagate", "me", "shower", "calorimeter", "training")
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,7 @@ def _check(loop: _Loop, target, side, options: PropagationOptions, running):
     return crossed, approached, distance, status
 
 
-def _step_to_target(field, target, r, t, lam, options: PropagationOptions, columns=None, d_lambda_column=None):
+def _step_to_target(field, target, r, t, lam, options: PropagationOptions, columns=None):
     """Run the stepping loop until every lane reached or missed its target.
 
     ``columns``: list of :class:`TangentColumn` to carry (or None). Returns the final loop state.

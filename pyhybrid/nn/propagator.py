@@ -406,12 +406,30 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
     hits = kprop.propagate_layers(state, field, layers, positions, thickness, options, jacobian=jacobian,
                                   covariance=initial_cov, seed=seed, field_gradient=field_gradient)
     Float = types_of(state.qop).Float
-    outputs = [[c for layer in hits.free for c in layer], [c for layer in hits.local for c in layer],
+    columns = [[c for layer in hits.free for c in layer], [c for layer in hits.local for c in layer],
                list(hits.path), [dr.select(v, Float(1.0), Float(0.0)) for v in hits.valid]]
     if with_covariance:
-        outputs.append([c for layer in hits.covariance for row in layer for c in row])
-        outputs.append([c for layer in hits.local_covariance for row in layer for c in row])
-    return tuple(outputs), hits.record
+        columns.append([c for layer in hits.covariance for row in layer for c in row])
+        columns.append([c for layer in hits.local_covariance for row in layer for c in row])
+    return tuple(_interleave(c) for c in columns), hits.record
+
+
+def _interleave(columns: list):
+    """k columns of N lanes -> one flat array in row-major (N, k) order (one copy to torch, not k)."""
+    Float = type(columns[0])
+    n, k = dr.width(columns[0]), len(columns)
+    flat = dr.zeros(Float, n * k)
+    rows = dr.arange(dr.uint32_array_t(Float), n) * k
+    for j, column in enumerate(columns):
+        dr.scatter(flat, column, rows + j)
+    return flat
+
+
+def _deinterleave(flat, k: int, columns) -> list:
+    """Columns ``columns`` of a flat row-major (N, k) array."""
+    Float = type(flat)
+    rows = dr.arange(dr.uint32_array_t(Float), dr.width(flat) // k) * k
+    return [dr.gather(Float, flat, rows + j) for j in columns]
 
 
 def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field_factory, jacobian, seed,
@@ -420,10 +438,11 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field_factor
         raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
     n_layers = len(layers)
     grad_free, grad_local, grad_path = grad_outputs[0], grad_outputs[1], grad_outputs[2]
-    per_layer_free = [list(grad_free[8 * k: 8 * k + 8]) for k in range(n_layers)]
-    per_layer_local = [list(grad_local[2 * k: 2 * k + 2]) for k in range(n_layers)]
+    per_layer_free = [_deinterleave(grad_free, 8 * n_layers, range(8 * k, 8 * k + 8)) for k in range(n_layers)]
+    per_layer_local = [_deinterleave(grad_local, 2 * n_layers, range(2 * k, 2 * k + 2)) for k in range(n_layers)]
+    per_layer_path = _deinterleave(grad_path, n_layers, range(n_layers))
     initial, field, positions, thickness = kprop.layers_vjp(record, per_layer_free, per_layer_local,
-                                                            list(grad_path))
+                                                            per_layer_path)
 
     def summed(arrays):
         return torch.stack([_lane_sum(a) for a in arrays])

@@ -122,6 +122,9 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
         return
 
+    test = simulate(setup, 1000, seed=setup.seed + 1)
+    with torch.no_grad():
+        warm_resolution = parameter_resolution(encoder(test["measured"]), test["truth"])
     optimizer = torch.optim.Adam(ddp.parameters(), lr=args.lr)
     losses = []
     start = time.perf_counter()
@@ -134,15 +137,15 @@ def main(argv=None) -> None:
         losses.append(float(all_reduce_sum(loss.detach()) / world))
     train_seconds = time.perf_counter() - start
     if rank == 0:
-        test = simulate(setup, 1000, seed=setup.seed + 1)
         with torch.no_grad():
             resolution = parameter_resolution(encoder(test["measured"]), test["truth"])
         print(f"{world} processes, {args.tracks} tracks, global batch {args.batch}: warm start {warm_seconds:.1f} s, "
               f"{args.steps} DDP steps in {train_seconds:.1f} s ({train_seconds / args.steps * 1e3:.0f} ms/step)")
         print("chi2 per measurement (global batch): " + " -> ".join(f"{x:.3g}" for x in losses[:: max(1, len(losses) // 6)])
               + f" -> {losses[-1]:.3g}")
-        print("test resolution (sigma68): " + ", ".join(f"{k} {v:.3g}" for k, v in resolution.items())
-              + "  [d0, z0 um; phi, theta mrad; q/p %]")
+        for label, values in (("after the warm start", warm_resolution), ("after DDP training", resolution)):
+            print(f"test resolution (sigma68) {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items())
+                  + "  [d0, z0 um; phi, theta mrad; q/p %]")
     dist.destroy_process_group()
 
 

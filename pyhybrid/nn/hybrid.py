@@ -565,14 +565,17 @@ class HitCorrection(nn.Module):
     (one-hot), its azimuth (cos k phi, sin k phi for k = 1..``harmonics``) and
     z / ``z_scale`` as features, so it can represent smooth, layer-dependent
     maps of detector distortions (sensor bows, layer deformations, tilts). Its
-    output is multiplied by ``output_scale`` [mm] and starts at exactly zero.
+    two outputs are multiplied by ``output_scale`` = (r*phi, z) scales [mm]
+    (the size of shift expected, so that the network works on O(1) numbers)
+    and start at exactly zero.
     ``layers``: indices of the layers it may correct (default: all); the
     others are references (e.g. an aligned pixel detector), which removes the
     distortions that tracks could otherwise absorb into their own parameters.
     """
 
     def __init__(self, radii: Sequence[float], *, layers: Sequence[int] | None = None, harmonics: int = 3,
-                 z_scale: float = 1000.0, hidden: Sequence[int] = (64, 64), output_scale: float = 0.1):
+                 z_scale: float = 1000.0, hidden: Sequence[int] = (64, 64),
+                 output_scale: tuple[float, float] = (0.1, 1.0)):
         super().__init__()
         self.register_buffer("radii", torch.as_tensor(list(radii), dtype=torch.float64))
         if harmonics < 1:
@@ -583,7 +586,8 @@ class HitCorrection(nn.Module):
             raise ValueError(f"layers must be indices in [0, {self.radii.numel()}), got {chosen}")
         mask[chosen] = 1.0
         self.register_buffer("mask", mask)
-        self.harmonics, self.z_scale, self.output_scale = int(harmonics), float(z_scale), float(output_scale)
+        self.harmonics, self.z_scale = int(harmonics), float(z_scale)
+        self.register_buffer("output_scale", torch.as_tensor(output_scale, dtype=torch.float64).reshape(2))
         self.network = MLP(self.radii.numel() + 2 * self.harmonics + 1, 2, hidden, zero_last=True)
 
     def forward(self, x: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -595,7 +599,7 @@ class HitCorrection(nn.Module):
         features = torch.cat([layer, torch.cos(phi[..., None] * k), torch.sin(phi[..., None] * k),
                               y[..., 1:2] / self.z_scale], dim=-1)
         shift = self.network(features.to(self.network[0].weight.dtype)).to(y.dtype)
-        return shift * (self.output_scale * self.mask.to(y.dtype))[:, None]
+        return shift * self.output_scale.to(y.dtype) * self.mask.to(y.dtype)[:, None]
 
 
 def local_residuals(predicted: torch.Tensor, measured: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:

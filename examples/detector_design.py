@@ -74,10 +74,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.quick:
-        steps, train_steps, validation = 250, 200, 8192
+        steps, train_steps, train_showers, validation = 250, 200, 4096, 8192
         grid = {"absorber_thickness": [1.5, 2.0, 2.5, 3.0, 3.5], "active_thickness": [2.0, 3.0, 4.0, 5.0, 6.0]}
     else:
-        steps, train_steps, validation = 600, 400, 32768
+        steps, train_steps, train_showers, validation = 600, 300, 8192, 32768
         grid = {"absorber_thickness": list(np.arange(1.5, 3.51, 0.25)),
                 "active_thickness": list(np.arange(2.0, 6.01, 0.5))}
     # The network is small: one torch thread, so that idle OpenMP workers do not compete with Dr.Jit's pool.
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     design = make_design()
     t0 = time.time()
 
-    fit_regression(design, train_steps, seed=args.seed + 1)
+    fit_regression(design, train_steps, batch=train_showers, seed=args.seed + 1)
     start_curve = resolution_curve(design, validation, seed=args.seed + 7)
 
     def progress(step, history):
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     history = train_jointly(design, steps, batch=1024, pretrain_steps=0, seed=args.seed, callback=progress)
     optimum = history.averaged_design()
     set_design(design, optimum)
-    fit_regression(design, train_steps, seed=args.seed + 1)
+    fit_regression(design, train_steps, batch=train_showers, seed=args.seed + 1)
     at_optimum = evaluate(design, validation, seed=args.seed + 2)
     end_curve = resolution_curve(design, validation, seed=args.seed + 7)
     print(f"optimised design (mean of the last 30 % of steps): "
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
           + f";  J = {at_optimum['loss']:.5f}, resolution {at_optimum['resolution']:.4f}")
 
     print(f"grid scan of J: {' x '.join(str(len(v)) for v in grid.values())} points ...", flush=True)
-    scan = grid_scan(design, grid, train_steps=train_steps, validation_showers=validation, seed=args.seed + 1)
+    scan = grid_scan(design, grid, train_steps=train_steps, train_showers=train_showers,
+                     validation_showers=validation, seed=args.seed + 1)
     steps_of_grid = {name: float(np.diff(values).min()) for name, values in zip(scan["names"], scan["values"])}
     agree = all(abs(optimum[name] - scan["best"][name]) <= steps_of_grid[name] + 1e-9 for name in scan["names"])
     print("grid minimum: " + ", ".join(f"{k} = {v:.3f} mm" for k, v in scan["best"].items())

@@ -23,6 +23,7 @@ Units: GeV, mm, rad, Tesla; costs in the caller's currency per unit area.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -231,12 +232,13 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
               callback: Callable[[int, int], None] | None = None) -> dict:
     """min over the network of J on a grid of design values (the other design parameters fixed).
 
-    At every grid point (visited in raster order, the network warm-started from the previous
-    point) the network is trained with :func:`fit_regression` on ``train_showers`` and J is
-    evaluated on ``validation_showers`` with the same seed at every point (common random numbers).
-    Returns ``{"names", "values": [axis values], "loss", "resolution", "cost": arrays of the grid's
-    shape, "best": {name: value}}``. The design is restored afterwards; the network keeps the weights
-    of the last grid point.
+    At every grid point the network starts from its state at the call (e.g. the jointly trained
+    one), is trained with :func:`fit_regression` on ``train_showers`` and J is evaluated on
+    ``validation_showers``; both samples use the same seeds at every point (common random
+    numbers), and restarting from the same state keeps the network from memorising the training
+    sample over many points. Returns ``{"names", "values": [axis values], "loss", "resolution",
+    "cost": arrays of the grid's shape, "best": {name: value}}``. The design and the network are
+    restored afterwards.
     """
     names = list(grid)
     if not names:
@@ -244,11 +246,13 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
     axes = [torch.as_tensor(list(values), dtype=torch.float64) for values in grid.values()]
     mesh = torch.cartesian_prod(*axes).reshape(-1, len(axes))
     saved = {name: design.calorimeter.get_parameter(name).detach().clone() for name in names}
+    network = copy.deepcopy(design.regression.state_dict())
     results = {key: torch.empty(mesh.shape[0], dtype=torch.float64) for key in ("loss", "resolution", "cost")}
     for index, point in enumerate(mesh):
         with torch.no_grad():
             for name, value in zip(names, point):
                 design.calorimeter.get_parameter(name).fill_(float(value))
+        design.regression.load_state_dict(network)
         fit_regression(design, train_steps, batch=train_showers, seed=seed)
         for key, value in evaluate(design, validation_showers, seed + 1).items():
             results[key][index] = value
@@ -257,6 +261,7 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
     with torch.no_grad():
         for name, value in saved.items():
             design.calorimeter.get_parameter(name).copy_(value)
+    design.regression.load_state_dict(network)
     shape = tuple(len(a) for a in axes)
     best = int(torch.argmin(results["loss"]))
     return {"names": names, "values": [a.tolist() for a in axes],

@@ -17,7 +17,6 @@ gradient is summed over lanes, as for a broadcast parameter in torch).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 

@@ -12,11 +12,8 @@ detector-design use).
 """
 from __future__ import annotations
 
-import importlib.util
-from functools import lru_cache
-from pathlib import Path
 
-from pyhybrid.bench.harness import BenchCase
+from pyhybrid.bench.harness import BenchCase, load_reference
 
 N_SHOWERS = 2000
 N_GRAD_SHOWERS = 250  # the torch-eager backward takes ~10 ms per shower
@@ -24,14 +21,8 @@ GEOMETRY = dict(absorber_thickness=2.0, active_thickness=4.0, n_layers=30, layer
                 cell_size=30.0, noise=0.001, quadrature_points=6)
 
 
-@lru_cache(maxsize=None)
 def _reference():
-    """tests/reference/torch_calorimeter.py, loaded by path (the tests folder is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "tests" / "reference" / "torch_calorimeter.py"
-    spec = importlib.util.spec_from_file_location("pyhybrid_bench_torch_calorimeter", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_reference("torch_calorimeter")
 
 
 def _setup(grad: bool, n_showers: int):

@@ -13,7 +13,9 @@ the same run, peak RSS (CPU) and CUDA max allocated memory.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import json
 import os
 import resource
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 BENCH_MODULES = ("propagate", "me", "shower", "calorimeter", "training")
@@ -45,6 +48,16 @@ class BenchCase:
     work: int
     setup: Callable[[str, str], tuple[Callable[[], None], Callable[[], None] | None]]
     grad: bool = False
+
+
+@functools.lru_cache(maxsize=None)
+def load_reference(name: str):
+    """``tests/reference/<name>.py`` (a torch-eager baseline), loaded by path: tests/ is not a package."""
+    path = Path(__file__).resolve().parents[2] / "tests" / "reference" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"pyhybrid_reference_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_cases(topics=BENCH_MODULES) -> dict[str, BenchCase]:

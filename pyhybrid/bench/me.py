@@ -9,24 +9,15 @@ also w.r.t. every momentum component.
 """
 from __future__ import annotations
 
-import importlib.util
-from functools import lru_cache
-from pathlib import Path
 
-from pyhybrid.bench.harness import BenchCase
+from pyhybrid.bench.harness import BenchCase, load_reference
 
 N_EVENTS = 1 << 20
 _SQRT_S = {"ee_mumu": 91.2, "ee_qqg": 91.2, "gg_tt": 500.0}
 
 
-@lru_cache(maxsize=None)
 def _reference():
-    """tests/reference/torch_me.py, loaded by path (the tests folder is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "tests" / "reference" / "torch_me.py"
-    spec = importlib.util.spec_from_file_location("pyhybrid_bench_torch_me", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_reference("torch_me")
 
 
 def _setup(process: str, mode: str, n_events: int):

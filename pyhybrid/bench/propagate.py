@@ -15,11 +15,9 @@ layer radii and thicknesses (detector optimisation).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
-from pyhybrid.bench.harness import BenchCase
+from pyhybrid.bench.harness import BenchCase, load_reference
 
 WORKLOAD_TRACKS = 5000
 STEPS_PER_TRACK = 106.1
@@ -49,12 +47,7 @@ def workload(n: int, device: str, precision: str):
 
 
 def _reference():
-    """tests/reference/torch_rk4.py (the torch-eager baseline), loaded from the source tree."""
-    path = Path(__file__).resolve().parents[2] / "tests" / "reference" / "torch_rk4.py"
-    spec = importlib.util.spec_from_file_location("pyhybrid_reference_torch_rk4", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_reference("torch_rk4")
 
 
 def _synchronize(device: str) -> None:

@@ -266,7 +266,8 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
                 hits = physics(params)
         entry.update(hit_resolution(hits, test["true_hits"]))
         rows.append(entry)
-        predictions[f"{method.replace('+', '_')}_n{size}"] = params if params is not None else hits
+        key = method.replace("+", "_").replace("-", "_") + (f"_n{size}" if size else "")
+        predictions[key] = params if params is not None else hits
 
     with progress_bar(total, "hybrid tracking study") if progress else _no_bar() as advance:
         start = time.perf_counter()

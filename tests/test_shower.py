@@ -88,7 +88,7 @@ def test_cs_kinematics_conserves_momentum_and_its_tangent_matches_finite_differe
         assert np.allclose(before.numpy(), after.numpy(), atol=1e-12 * 20)
     for p in (p_i, p_j, p_k_new):
         assert np.abs(p.mass2().numpy()).max() < 1e-10 * m2.max()
-    # kT^2 = t: 2 p_i.p_j = t / (z (1 - z)) * ... -> the CS relations y = s_ij / (s_ij + s_ik + s_jk), z = s_ik / (s_ik + s_jk)
+    # the Catani-Seymour variables come back: y = s_ij / (s_ij + s_ik + s_jk), z = s_ik / (s_ik + s_jk)
     s_ij = 2 * p_i.dot(p_j).numpy()
     s_ik = 2 * p_i.dot(p_k_new).numpy()
     s_jk = 2 * p_j.dot(p_k_new).numpy()

@@ -51,7 +51,8 @@ def _gradient_setup(estimator_name: str):
         from pyhybrid.estimators import HistogramObservable, Relaxed, ScoreFunction, StochasticAD
         from pyhybrid.nn.shower import PartonShower
 
-        estimator = {"score-function": ScoreFunction, "stochastic-ad": StochasticAD, "relaxed": Relaxed}[estimator_name]()
+        estimators = {"score-function": ScoreFunction, "stochastic-ad": StochasticAD, "relaxed": Relaxed}
+        estimator = estimators[estimator_name]()
         dtype = torch.float64 if precision == "float64" else torch.float32
         shower = PartonShower(dtype=dtype, device=device)
         spec = HistogramObservable("log10_y23", EDGES)

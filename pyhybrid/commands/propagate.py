@@ -101,10 +101,11 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
     options = PropagationOptions(stepper=kernel_stepper, particle=PARTICLES[particle], energy_loss=energy_loss,
                                  scattering=scattering, world_radius=2.0 * max(positions + [disk_rmax]),
                                  world_half_length=2.0 * max(disk_list + [half_length]))
+    # opaque: field values are kernel inputs, not constants compiled into the kernels
     if field_kind == "uniform":
-        field = UniformField(types.Float(0.0), types.Float(0.0), types.Float(bfield))
+        field = UniformField(*(dr.opaque(types.Float, b) for b in (0.0, 0.0, bfield)))
     else:
-        field = SolenoidField(types.Float(bfield), types.Float(solenoid_radius), types.Float(solenoid_half_length))
+        field = SolenoidField(*(dr.opaque(types.Float, v) for v in (bfield, solenoid_radius, solenoid_half_length)))
     positions_array = types.Float(positions)
     thickness_array = types.Float([thickness] * len(layers))
 

@@ -496,6 +496,9 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     particle = options.particle
     derivatives = jacobian or covariance is not None
 
+    # Layer parameters as memory (an array built from Python floats may be compiled in as constants).
+    positions, thickness = types.Float(positions), types.Float(thickness)
+    dr.make_opaque(positions, thickness)
     norm = dm.sqrt(dm.dot(params.direction, params.direction))
     state = FreeParameters(tuple(v + zero for v in params.position), params.time + zero,
                            tuple(v / norm + zero for v in params.direction), params.qop + zero)

@@ -180,8 +180,10 @@ def test_stored_jacobians_do_not_grow_with_the_number_of_steps():
     params = torch.tensor([[0, 0, 0, 0, 1.0, 0.2, 0.1, 0.2]] * 3, dtype=torch.float64)
     stored, path = [], []
     for radius in (150.0, 1500.0):
-        inputs = [F64.Float(params[:, j].numpy()) for j in range(8)], F64.Float(np.array(SOLENOID)), \
-            F64.Float([60.0, radius]), F64.Float([0.0, 0.0])
+        # from torch tensors, as the engine passes them (the same compiled kernels as the test above)
+        inputs = [F64.Float(params[:, j].contiguous()) for j in range(8)], \
+            F64.Float(torch.tensor(SOLENOID, dtype=torch.float64)), \
+            F64.Float(torch.tensor([60.0, radius], dtype=torch.float64)), F64.Float(torch.zeros(2, dtype=torch.float64))
         outputs, record = _propagate_kernel(*inputs, layers=prop.kernel_layers, options=prop.options,
                                             field_factory=prop.field.kernel_field("cpu", torch.float64),
                                             jacobian=True, seed=0, with_covariance=False, field_gradient=True)

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import torch
 
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.propagation import FreeParameters
@@ -11,9 +12,13 @@ F64 = kernel_types("cpu", "float64")
 
 
 def kernel_params(rows, types=F64) -> FreeParameters:
-    """FreeParameters from an array (N, 8) of (x, y, z, t, dx, dy, dz, q/p)."""
-    rows = np.atleast_2d(np.asarray(rows, dtype=float))
-    return FreeParameters.from_columns([types.Float(rows[:, j]) for j in range(8)])
+    """FreeParameters from an array (N, 8) of (x, y, z, t, dx, dy, dz, q/p).
+
+    The columns are copied into torch-allocated (aligned) memory: Dr.Jit maps numpy buffers in
+    place, and their varying alignment would compile a new kernel for many calls.
+    """
+    rows = torch.tensor(np.atleast_2d(np.asarray(rows, dtype=float)))
+    return FreeParameters.from_columns([types.Float(rows[:, j].contiguous()) for j in range(8)])
 
 
 def numpy_columns(columns) -> np.ndarray:

@@ -141,8 +141,8 @@ def main(argv=None) -> None:
             resolution = parameter_resolution(encoder(test["measured"]), test["truth"])
         print(f"{world} processes, {args.tracks} tracks, global batch {args.batch}: warm start {warm_seconds:.1f} s, "
               f"{args.steps} DDP steps in {train_seconds:.1f} s ({train_seconds / args.steps * 1e3:.0f} ms/step)")
-        print("chi2 per measurement (global batch): " + " -> ".join(f"{x:.3g}" for x in losses[:: max(1, len(losses) // 6)])
-              + f" -> {losses[-1]:.3g}")
+        shown = losses[:: max(1, len(losses) // 6)] + [losses[-1]]
+        print("chi2 per measurement (global batch): " + " -> ".join(f"{x:.3g}" for x in shown))
         for label, values in (("after the warm start", warm_resolution), ("after DDP training", resolution)):
             print(f"test resolution (sigma68) {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items())
                   + "  [d0, z0 um; phi, theta mrad; q/p %]")

@@ -338,11 +338,12 @@ COLUMNS = [(name, label) for name, (label, _) in REPORTED.items()] + [("hit_rphi
 
 def print_table(result: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="Track-parameter resolution on held-out tracks (sigma68; lower is better)")
     for header in ["method", "N train", "labels"] + [label for _, label in COLUMNS] + ["train s"]:
-        table.add_column(header, justify="right")
+        table.add_column(escape(header), justify="right")
     for r in result["rows"]:
         cells = [f"{r[name]:.3g}" if name in r else "-" for name, _ in COLUMNS]
         table.add_row(r["method"], str(r["n_train"] or "-"), "truth" if r["truth_labels"] else "hits only", *cells,

@@ -243,17 +243,19 @@ def main(argv=None) -> dict:
 
 def report(rows, recovery, history) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=max(Console().width, 150))
     table = Table(title="Track fits on held-out tracks of the distorted detector")
     for key in rows[0]:
-        table.add_column(key.replace(" sigma68", "\nsigma68").replace(" bias", "\nbias"), justify="right")
+        header = key.replace(" sigma68", "\nsigma68").replace(" bias", "\nbias")
+        table.add_column(escape(header), justify="right")
     for row in rows:
         table.add_row(*(value if isinstance(value, str) else f"{value:.3g}" for value in row.values()))
     console.print(table)
     for key, value in recovery.items():
-        console.print(f"{key}: {value:.3g}")
+        console.print(escape(f"{key}: {value:.3g}"))
     console.print("median chi2 of the training fits per round: " + " -> ".join(f"{h:.3g}" for h in history))
 
 

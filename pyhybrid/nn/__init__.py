@@ -4,7 +4,9 @@ Each module takes and returns torch tensors on cpu (Dr.Jit LLVM backend) or
 cuda (Dr.Jit CUDA backend), float32 or float64, with gradients through the
 physics. See docs/ for each topic.
 """
-from pyhybrid.nn.calorimeter import MATERIALS, Material, SamplingCalorimeter
+from pyhybrid.nn.calorimeter import MATERIALS as CALORIMETER_MATERIALS
+from pyhybrid.nn.calorimeter import Material as CalorimeterMaterial
+from pyhybrid.nn.calorimeter import SamplingCalorimeter
 from pyhybrid.nn.detector_design import CalorimeterDesign, EnergyRegression, TrackerDesign
 from pyhybrid.nn.hybrid import MLP, Component, Correction, Surrogate
 from pyhybrid.nn.matrix_element import (DifferentialCrossSection, MatrixElement, TwoBodyCrossSection,
@@ -18,6 +20,6 @@ __all__ = [
     "DiskLayer", "PlaneLayer", "barrel", "free_parameters",
     "MatrixElement", "DifferentialCrossSection", "TwoBodyCrossSection", "rambo_momenta", "two_body_momenta",
     "PartonShower", "ShowerEvents", "event_shapes",
-    "SamplingCalorimeter", "Material", "MATERIALS", "CalorimeterDesign", "EnergyRegression", "TrackerDesign",
+    "SamplingCalorimeter", "CalorimeterMaterial", "CALORIMETER_MATERIALS", "CalorimeterDesign", "EnergyRegression", "TrackerDesign",
     "MLP", "Surrogate", "Correction", "Component",
 ]

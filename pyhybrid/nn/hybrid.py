@@ -19,18 +19,31 @@ Building blocks
 ---------------
 * :class:`MLP` -- fully connected network (SiLU), optionally zero-initialised
   output layer (a correction that starts as exactly zero).
-* :class:`Standardize` -- fixed affine map ``(x - shift) / scale`` (buffers).
+* :class:`LinearPlusMLP` -- ``W x + b + MLP(x)`` with a closed-form linear part.
+* :class:`Standardize`, :class:`Whiten` -- fixed input maps (buffers).
 * :class:`Surrogate` -- a network with the input/output shapes of a physics
   component, standardised on samples of it; :func:`fit_surrogate` trains it by
   regression on the physics outputs.
 * :class:`Correction` -- a small network of the component's input and/or physics
   output, added to the physics output (zero at initialisation).
-* :func:`fit` -- a minimal Adam + cosine-decay training loop over index batches,
-  shared by the examples, tests and the DDP script.
 
-The tracking-specific pieces used by the main demo (``examples/hybrid_tracking.py``)
-are in the second half of this module: :class:`TrackEncoder` (noisy hits ->
-perigee track parameters) and :func:`hit_chi2`.
+Training
+--------
+* :func:`fit` -- a minimal Adam + cosine-decay loop over index batches.
+* :func:`residual_jacobian`, :func:`gauss_newton_step` -- per-sample Jacobians
+  of residuals through any physics (from its VJPs) and damped Gauss-Newton steps.
+* :func:`fit_through_physics` -- train a network on measurement residuals only,
+  through a physics model, with Gauss-Newton preconditioning.
+
+Tracking pieces (the main demo, ``examples/hybrid_tracking.py``)
+----------------------------------------------------------------
+Perigee parameters (d0, z0, phi, theta, q/p) [mm, mm, rad, rad, e/GeV];
+barrel hits (N, L, 2) = (r*phi, z) [mm]. :func:`perigee_to_free`,
+:func:`canonical_frame` / :func:`rotate_hits` / :func:`rotate_perigee` (the
+rotation symmetry about the beam axis), :class:`PerigeeHits` (the Propagator as a
+perigee -> hits component), :class:`TrackEncoder` (hits -> perigee parameters),
+:class:`HitCorrection` (a learned per-hit detector distortion),
+:func:`local_residuals`, :func:`hit_chi2`.
 """
 from __future__ import annotations
 
@@ -42,7 +55,12 @@ from torch import nn
 
 from pyhybrid.engine import check_tensor
 
-__all__ = ["MLP", "Standardize", "Whiten", "LinearPlusMLP", "HitCorrection", "Surrogate", "Correction", "Component", "fit_surrogate", "fit", "MODES"]
+__all__ = [
+    "MODES", "MLP", "Standardize", "Whiten", "LinearPlusMLP", "Surrogate", "Correction", "Component",
+    "fit", "fit_surrogate", "residual_jacobian", "gauss_newton_step", "fit_through_physics",
+    "PERIGEE_NAMES", "wrap_angle", "perigee_to_free", "rotate_hits", "canonical_frame", "rotate_perigee",
+    "PerigeeHits", "TrackEncoder", "HitCorrection", "local_residuals", "hit_chi2",
+]
 
 #: The ways a :class:`Component` can compute its output.
 MODES = ("physics", "surrogate", "residual")

@@ -37,6 +37,7 @@ from pyhybrid.kernels.material import highland_theta0
 from pyhybrid.kernels.propagation import PARTICLES
 from pyhybrid.nn.calorimeter import SamplingCalorimeter
 from pyhybrid.nn.propagator import CylinderLayer, Propagator, UniformField
+from pyhybrid.nn.hybrid import perigee_to_free as perigee_components
 
 __all__ = ["EnergyRegression", "relative_resolution", "material_cost", "CalorimeterDesign", "History",
            "train_jointly", "fit_regression", "evaluate", "grid_scan", "fit_resolution_terms", "PERIGEE_NAMES",
@@ -319,12 +320,9 @@ _SURFACE_TOLERANCE = 1e-5  # mm
 
 
 def perigee_to_free(perigee: torch.Tensor) -> torch.Tensor:
-    """Free parameters (N, 8) of tracks (N, 5) = (d0, z0, phi, theta, q/p) at their point of closest
-    approach to the z axis: position (-d0 sin phi, d0 cos phi, z0), time 0."""
-    d0, z0, phi, theta, qop = perigee.unbind(1)
-    sin_theta = torch.sin(theta)
-    return torch.stack([-d0 * torch.sin(phi), d0 * torch.cos(phi), z0, torch.zeros_like(d0),
-                        torch.cos(phi) * sin_theta, torch.sin(phi) * sin_theta, torch.cos(theta), qop], dim=1)
+    """Free parameters (N, 8) = (x, y, z, t=0, dx, dy, dz, q/p) of tracks given as perigee (N, 5)."""
+    position, direction, qop = perigee_components(perigee)
+    return torch.cat([position, torch.zeros_like(qop)[:, None], direction, qop[:, None]], dim=1)
 
 
 def _highland(path, momentum, *, material, mass):

@@ -1,6 +1,6 @@
 """Benchmark cases: track propagation through a barrel tracker (Dr.Jit Propagator vs torch eager).
 
-Workload: WORKLOAD_TRACKS muons from the origin, p_T uniform in [1, 10] GeV, |eta| < 1,
+Workload: WORKLOAD_TRACKS (100 000) muons from the origin, p_T uniform in [1, 10] GeV, |eta| < 1,
 2 T solenoid (R = 1.2 m, L = 3 m, paraxial model), ten silicon barrel layers (0.3 mm,
 radii 30-850 mm, |z| < 1 m), classic RK4 with 10 mm steps, mean energy loss at each
 layer. The torch-eager baseline is ``tests/reference/torch_rk4.py``: the same
@@ -19,7 +19,7 @@ import math
 
 from pyhybrid.bench.harness import BenchCase, load_reference
 
-WORKLOAD_TRACKS = 5000
+WORKLOAD_TRACKS = 100_000
 STEPS_PER_TRACK = 106.1
 RADII = (30.0, 60.0, 100.0, 150.0, 200.0, 300.0, 400.0, 550.0, 700.0, 850.0)
 HALF_LENGTH = 1000.0

@@ -13,7 +13,8 @@ their noisy hits on the 10 barrel layers of an ACTS-like silicon tracker in a
                       the propagator at inference time (physics also at test time).
 * ``surrogate``       the same training, with the propagator swapped for a network
                       surrogate fitted to it on simulated tracks (``Component`` in
-                      ``surrogate`` mode): how much exact physics is worth.
+                      ``surrogate`` mode): how much exact physics is worth
+                      (full scan only; ``--quick`` skips it).
 * ``supervised``      pure network trained on the truth parameters (labels a real
                       detector does not have).
 * ``direct``          pure network predicting the hits directly (5-number bottleneck,
@@ -30,7 +31,7 @@ held-out tracks: sigma68 = half-width of the central 68 % interval of
 (estimate - truth). Everything is seeded.
 
 Run:  python examples/hybrid_tracking.py --quick -o out/   (< 2 min on 2 CPU cores)
-      python examples/hybrid_tracking.py -o out/           (the full scan, ~15 min)
+      python examples/hybrid_tracking.py -o out/           (the full scan, ~10 min)
 Writes out/hybrid_tracking.png, out/hybrid_tracking.h5 (pyhybrid.io layout) and
 prints the comparison table.
 """
@@ -42,18 +43,17 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from pyhybrid.engine import set_threads
 from pyhybrid.io import EventWriter
-from pyhybrid.nn.hybrid import (Component, PerigeeHits, Surrogate, TrackEncoder, canonical_frame, fit,
+from pyhybrid.nn.hybrid import (PERIGEE_NAMES, Component, PerigeeHits, Surrogate, TrackEncoder, canonical_frame, fit,
                                 fit_surrogate, fit_through_physics, gauss_newton_step, local_residuals, rotate_hits,
                                 rotate_perigee, wrap_angle)
 from pyhybrid.nn.propagator import RK4, Propagator, SolenoidField, barrel
 from pyhybrid.progress import progress_bar
 
-PARAMETERS = ("d0", "z0", "phi", "theta", "qop")
+PARAMETERS = PERIGEE_NAMES
 #: How each parameter's sigma68 is reported: (label, factor from the internal unit).
 REPORTED = {"d0": ("d0 [um]", 1e3), "z0": ("z0 [um]", 1e3), "phi": ("phi [mrad]", 1e3),
             "theta": ("theta [mrad]", 1e3), "qop": ("q/p [%]", 100.0)}
@@ -241,7 +241,7 @@ def hit_resolution(hits: torch.Tensor, true_hits: torch.Tensor) -> dict:
 # ---------------------------------------------------------------- the study
 
 
-def run_study(setup: Setup, progress: bool = True) -> dict:
+def run_study(setup: Setup) -> dict:
     """Train and evaluate every method at every training-set size; returns rows, predictions and histories."""
     dtype = torch.float64
     sigma = sigma_per_layer(setup, dtype)
@@ -269,7 +269,7 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
         key = method.replace("+", "_").replace("-", "_") + (f"_n{size}" if size else "")
         predictions[key] = params if params is not None else hits
 
-    with progress_bar(total, "hybrid tracking study") if progress else _no_bar() as advance:
+    with progress_bar(total, "hybrid tracking study") as advance:
         start = time.perf_counter()
         fitted = least_squares(physics, test["measured"], sigma, radii, 6, advance)
         row("least-squares", 0, time.perf_counter() - start, False, params=fitted)
@@ -319,14 +319,6 @@ def run_study(setup: Setup, progress: bool = True) -> dict:
             row("direct", size, time.perf_counter() - start, False, hits=hits)
     return {"rows": rows, "predictions": predictions, "histories": histories, "test": test,
             "surrogate_fidelity": fidelity}
-
-
-class _no_bar:
-    def __enter__(self):
-        return lambda n: None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------- output

@@ -98,7 +98,8 @@ class MLP(nn.Sequential):
 class Standardize(nn.Module):
     """Fixed affine map ``(x - shift) / scale`` on the last axis; ``inverse`` undoes it.
 
-    ``shift`` and ``scale`` are buffers (saved in the state dict, not trained);
+    ``shift`` and ``scale`` are buffers (saved in the state dict, not trained)
+    in the module's dtype (``.double()`` for float64 models);
     :meth:`from_samples` sets them to the mean and standard deviation of data.
     """
 
@@ -129,7 +130,9 @@ class Whiten(nn.Module):
     Detector hits are strongly correlated (all layers see the same track), which
     makes the first layer of a network badly conditioned; whitened inputs make a
     linear fit on them converge in a few gradient steps. Eigenvalues below
-    ``floor`` x the largest are raised to it (directions without spread).
+    ``floor`` x the largest are raised to it (directions without spread). The
+    buffers take the module's dtype: use ``.double()`` for hits of precise
+    detectors (float32 loses the small eigen-directions).
     """
 
     def __init__(self, features: int, floor: float = 1e-10):
@@ -265,14 +268,14 @@ class Correction(nn.Module):
     (the physics output y) or ``"both"`` (concatenated, flattened per sample).
     ``output_scale`` sets the units of the correction (the network output is
     multiplied by it); the last layer starts at zero, so before training
-    ``physics + correction`` is exactly the physics.
+    ``physics + correction`` is exactly the physics. Call :meth:`calibrate` with
+    samples to standardise the network's inputs.
     """
 
     INPUTS = ("input", "output", "both")
 
     def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int], inputs: str = "output",
-                 hidden: Sequence[int] = (32, 32), output_scale: float = 1.0,
-                 input_norm: Standardize | None = None):
+                 hidden: Sequence[int] = (32, 32), output_scale: float = 1.0):
         super().__init__()
         if inputs not in self.INPUTS:
             raise ValueError(f"inputs must be one of {self.INPUTS}, got {inputs!r}")
@@ -280,13 +283,18 @@ class Correction(nn.Module):
         self.output_shape = tuple(output_shape)
         n_in = {"input": _numel(input_shape), "output": _numel(output_shape),
                 "both": _numel(input_shape) + _numel(output_shape)}[inputs]
-        self.input_norm = input_norm if input_norm is not None else Standardize(n_in)
+        self.input_norm = Standardize(n_in)
         self.network = MLP(n_in, _numel(output_shape), hidden, zero_last=True)
         self.output_scale = float(output_scale)
 
     def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         parts = {"input": [x], "output": [y], "both": [x, y]}[self.inputs]
         return torch.cat([p.flatten(1) for p in parts], dim=1)
+
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> "Correction":
+        """Standardise the network inputs on samples of the component input x and physics output y."""
+        self.input_norm.from_samples(self.features(x.detach(), y.detach()))
+        return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         delta = self.network(self.input_norm(self.features(x, y))) * self.output_scale
@@ -298,8 +306,8 @@ class Component(nn.Module):
 
     Parameters
     ----------
-    physics: module ``(N, *in) -> (N, *out)`` (e.g. a :class:`pyhybrid.nn.Propagator`
-        wrapped to return one tensor), or None.
+    physics: module ``(N, *in) -> (N, *out)`` returning one tensor (e.g.
+        :class:`PerigeeHits`, the Propagator as perigee parameters -> hits), or None.
     surrogate: module with the same signature (e.g. :class:`Surrogate`), or None.
     correction: module ``(x, y) -> delta`` with ``delta`` shaped like ``y`` (e.g.
         :class:`Correction`), or None.

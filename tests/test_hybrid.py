@@ -13,13 +13,7 @@ from pyhybrid.nn.propagator import RK4, Propagator, SolenoidField, barrel
 RADII = (40.0, 90.0, 160.0, 250.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small networks: one torch thread is fastest and does not fight Dr.Jit's workers for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def physics(scattering="none", **field):

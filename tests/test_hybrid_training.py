@@ -19,12 +19,7 @@ SETUP = replace(A.Setup(), radii=(32.0, 72.0, 116.0, 172.0, 260.0, 360.0), round
                 batch_size=128, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     fit_regression(design, train_steps, batch=train_showers, seed=args.seed + 1)
     at_optimum = evaluate(design, validation, seed=args.seed + 2)
     end_curve = resolution_curve(design, validation, seed=args.seed + 7)
-    print(f"optimised design (mean of the last 30 % of steps): "
+    print("optimised design (mean of the last 30 % of steps): "
           + ", ".join(f"{k} = {v:.3f} mm" for k, v in optimum.items())
           + f";  J = {at_optimum['loss']:.5f}, resolution {at_optimum['resolution']:.4f}")
 

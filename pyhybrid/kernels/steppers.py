@@ -28,7 +28,6 @@ from typing import Sequence
 
 import drjit as dr
 
-from pyhybrid.units import B_CURVATURE
 
 __all__ = ["NystromTableau", "RK4_TABLEAU", "RKN_TABLEAU", "RK4", "AdaptiveRKN", "TangentColumn", "nystrom_step"]
 

@@ -8,7 +8,8 @@ from pyhybrid.nn.calorimeter import MATERIALS as CALORIMETER_MATERIALS
 from pyhybrid.nn.calorimeter import Material as CalorimeterMaterial
 from pyhybrid.nn.calorimeter import SamplingCalorimeter
 from pyhybrid.nn.detector_design import CalorimeterDesign, EnergyRegression, TrackerDesign
-from pyhybrid.nn.hybrid import MLP, Component, Correction, Surrogate
+from pyhybrid.nn.hybrid import (MLP, Component, Correction, HitCorrection, PerigeeHits, Surrogate, TrackEncoder,
+                                fit_through_physics)
 from pyhybrid.nn.matrix_element import (DifferentialCrossSection, MatrixElement, TwoBodyCrossSection,
                                         rambo_momenta, two_body_momenta)
 from pyhybrid.nn.propagator import (CylinderLayer, DiskLayer, GridField, PlaneLayer, PropagationResult,
@@ -21,5 +22,6 @@ __all__ = [
     "MatrixElement", "DifferentialCrossSection", "TwoBodyCrossSection", "rambo_momenta", "two_body_momenta",
     "PartonShower", "ShowerEvents", "event_shapes",
     "SamplingCalorimeter", "CalorimeterMaterial", "CALORIMETER_MATERIALS", "CalorimeterDesign", "EnergyRegression", "TrackerDesign",
-    "MLP", "Surrogate", "Correction", "Component",
+    "MLP", "Surrogate", "Correction", "Component", "PerigeeHits", "TrackEncoder", "HitCorrection",
+    "fit_through_physics",
 ]

@@ -122,11 +122,18 @@ def test_bad_inputs_name_the_problem():
         engine.check_tensor(torch.tensor([1.0, float("nan")]), "qop")
 
 
-def test_cuda_without_gpu_is_a_clear_error():
-    if engine.cuda_available():
-        pytest.skip("a GPU is present: the CUDA path is exercised instead")
-    with pytest.raises(BackendUnavailable, match="device='cuda' is unavailable"):
-        backend.kernel_types("cuda")
+def test_cuda_backend_or_a_clear_error():
+    if not engine.cuda_available():
+        with pytest.raises(BackendUnavailable, match="device='cuda' is unavailable"):
+            backend.kernel_types("cuda")
+        return
+    t = torch.arange(12, dtype=torch.float32, device="cuda")
+    array = engine.to_drjit(t)
+    assert type(array).__module__.startswith("drjit.cuda")
+    assert array.torch().data_ptr() == t.data_ptr()
+    state, omega, damping = (x.detach().cuda().requires_grad_() for x in _inputs())
+    reverse_fn(state, omega, damping).sum().backward()
+    assert state.grad.device.type == "cuda"
 
 
 def test_old_llvm_gives_install_hint(monkeypatch):

@@ -141,13 +141,17 @@ class _Call:
     vjp: Callable | None
     static: dict
     types: KernelTypes
-    shapes: list[tuple[int, ...]]
     saved: Any = None
 
 
-def _as_drjit_inputs(tensors, types: KernelTypes):
-    flats = [types.Float(t.detach().reshape(-1).contiguous()) for t in tensors]
-    return flats, [_split(f, tuple(t.shape)) for f, t in zip(flats, tensors)]
+def _flat_inputs(tensors, types: KernelTypes) -> list:
+    """One flat Dr.Jit array per tensor, sharing its memory."""
+    return [types.Float(t.detach().reshape(-1).contiguous()) for t in tensors]
+
+
+def _kernel_inputs(flats, tensors) -> list:
+    """Flat arrays -> the kernel's layout (array, or tuple of columns for (N, k))."""
+    return [_split(f, tuple(t.shape)) for f, t in zip(flats, tensors)]
 
 
 def _outputs_tuple(result) -> tuple:
@@ -164,16 +168,15 @@ class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
         # No dr.suspend_grad here: a kernel may use forward-mode AD internally to build its Jacobian.
-        _, inputs = _as_drjit_inputs(tensors, call.types)
+        inputs = _kernel_inputs(_flat_inputs(tensors, call.types), tensors)
         if call.vjp is None:
             outputs = _outputs_tuple(call.forward(*inputs, **call.static))
         else:
             result, call.saved = call.forward(*inputs, **call.static)
             outputs = _outputs_tuple(result)
-        converted = [_join(o, call.types) for o in outputs]
+        results = tuple(_join(o, call.types) for o in outputs)
         ctx.call = call
         ctx.save_for_backward(*tensors)
-        results = tuple(converted)
         return results if len(results) > 1 else results[0]
 
     @staticmethod
@@ -215,11 +218,11 @@ def _grad_tensor(g, like: torch.Tensor) -> torch.Tensor:
 
 def _reverse_ad(call: _Call, tensors, grads_out, needs):
     """VJP by re-running the kernel under Dr.Jit reverse-mode AD."""
-    flats, _ = _as_drjit_inputs(tensors, call.types)
+    flats = _flat_inputs(tensors, call.types)
     for flat, need in zip(flats, needs):
         if need:
             dr.enable_grad(flat)
-    inputs = [_split(f, tuple(t.shape)) for f, t in zip(flats, tensors)]
+    inputs = _kernel_inputs(flats, tensors)
     outputs = _outputs_tuple(call.forward(*inputs, **call.static))
     for out, grad in zip(outputs, grads_out):
         if _is_columns(out):
@@ -282,8 +285,7 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
                 raise TypeError(f"input {i} has dtype {t.dtype}, input 0 has {first.dtype}")
             if t.device != first.device:
                 raise ValueError(f"input {i} is on {t.device}, input 0 on {first.device}")
-        call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype),
-                     [tuple(t.shape) for t in tensors])
+        call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype))
         return _KernelFunction.apply(call, *tensors)
 
     return apply

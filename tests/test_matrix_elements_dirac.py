@@ -217,19 +217,12 @@ def test_ee_to_qqbarg_all_flavours_is_the_sum():
 
 
 @pytest.mark.parametrize("sqrt_s", [400.0, 1000.0])
-def test_qqbar_to_ttbar_matches_diagrams(sqrt_s):
+@pytest.mark.parametrize("process, reference_me, seed", [("qq_tt", reference_qq_tt, 4), ("gg_tt", reference_gg_tt, 5)])
+def test_ttbar_matches_diagrams(process, reference_me, seed, sqrt_s):
     mt = PARAMS.top_mass
-    vectors, momenta = _points(sqrt_s, [mt, mt], 4, seed=4)
-    reference = [reference_qq_tt(p, mt, PARAMS.alpha_s) for p in momenta]
-    np.testing.assert_allclose(_kernel("qq_tt", vectors), reference, rtol=1e-10)
-
-
-@pytest.mark.parametrize("sqrt_s", [400.0, 1000.0])
-def test_gg_to_ttbar_matches_diagrams(sqrt_s):
-    mt = PARAMS.top_mass
-    vectors, momenta = _points(sqrt_s, [mt, mt], 4, seed=5)
-    reference = [reference_gg_tt(p, mt, PARAMS.alpha_s) for p in momenta]
-    np.testing.assert_allclose(_kernel("gg_tt", vectors), reference, rtol=1e-10)
+    vectors, momenta = _points(sqrt_s, [mt, mt], 4, seed=seed)
+    reference = [reference_me(p, mt, PARAMS.alpha_s) for p in momenta]
+    np.testing.assert_allclose(_kernel(process, vectors), reference, rtol=1e-10)
 
 
 def test_reference_gg_tt_is_gauge_invariant():

@@ -123,12 +123,14 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
         json.dump({"cpu_cores": os.cpu_count(), "repeats": repeats, "rows": rows}, f, indent=1)
     harness.plot(rows, png_path)
     table = Table(title="pyhybrid bench (median of repeats)")
-    for column in ("case", "device", "precision", "backend", "threads", "rate", "x torch eager", "peak RSS MB"):
+    for column in ("case", "device", "precision", "backend", "threads", "rate", "x torch eager",
+                   "peak MB (RSS | GPU)"):
         table.add_column(column)
     for r in rows:
         ratio = "-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.1f}"
+        memory = r["cuda_peak_mb"] if r["device"] == "cuda" else r["peak_rss_mb"]
         table.add_row(r["case"], r["device"], r["precision"], r["backend"], str(r["threads"] or "-"),
-                      f"{r['rate']:.3g} {r['unit']}/s", ratio, str(r["peak_rss_mb"]))
+                      f"{r['rate']:.3g} {r['unit']}/s", ratio, str(memory))
     Console().print(table)
     click.echo(f"wrote {json_path} and {png_path}")
 

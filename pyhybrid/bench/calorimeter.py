@@ -17,6 +17,8 @@ from pyhybrid.bench.harness import BenchCase, load_reference
 
 N_SHOWERS = 2000
 N_GRAD_SHOWERS = 250  # the torch-eager backward takes ~10 ms per shower
+CUDA_SHOWERS = 50_000
+CUDA_GRAD_SHOWERS = 10_000
 GEOMETRY = dict(absorber_thickness=2.0, active_thickness=4.0, n_layers=30, layers_per_segment=1, n_cells=5,
                 cell_size=30.0, noise=0.001, quadrature_points=6)
 
@@ -25,7 +27,7 @@ def _reference():
     return load_reference("torch_calorimeter")
 
 
-def _setup(grad: bool, n_showers: int):
+def _setup(grad: bool, cpu_showers: int, cuda_showers: int):
     def setup(device: str, precision: str):
         import torch
 
@@ -34,6 +36,7 @@ def _setup(grad: bool, n_showers: int):
 
         dtype = getattr(torch, precision)
         generator = torch.Generator().manual_seed(1)
+        n_showers = cuda_showers if device == "cuda" else cpu_showers
         energy = (1.0 + 99.0 * torch.rand(n_showers, generator=generator, dtype=torch.float64)).to(device, dtype)
         impact = (5.0 * torch.randn(n_showers, 2, generator=generator, dtype=torch.float64)).to(device, dtype)
         calo = SamplingCalorimeter("lead", "scintillator", trainable=Design.field_names(), dtype=dtype,
@@ -74,6 +77,8 @@ def _setup(grad: bool, n_showers: int):
 
 
 CASES = [
-    BenchCase("calorimeter-showers", "showers", N_SHOWERS, _setup(False, N_SHOWERS)),
-    BenchCase("calorimeter-showers-grad", "showers", N_GRAD_SHOWERS, _setup(True, N_GRAD_SHOWERS), grad=True),
+    BenchCase("calorimeter-showers", "showers", N_SHOWERS, _setup(False, N_SHOWERS, CUDA_SHOWERS),
+              cuda_work=CUDA_SHOWERS),
+    BenchCase("calorimeter-showers-grad", "showers", N_GRAD_SHOWERS, _setup(True, N_GRAD_SHOWERS, CUDA_GRAD_SHOWERS),
+              grad=True, cuda_work=CUDA_GRAD_SHOWERS),
 ]

@@ -9,7 +9,7 @@ subprocess so that peak memory belongs to one measurement:
 
 Times are medians over repeats after a warm-up call (which also JIT-compiles).
 Reported: work units per second, the speed-up ratio vs torch eager measured in
-the same run, peak RSS (CPU) and CUDA max allocated memory.
+the same run, peak RSS (CPU) and peak GPU memory (torch's allocator + Dr.Jit's).
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ class BenchCase:
         call runs the whole computation once, including evaluation and
         synchronisation. ``torch_call`` is the torch-eager baseline.
     grad: True when the calls include the gradient.
+    cuda_work: work of one call on CUDA, whose batch is larger because a GPU needs
+        ~1e6 lanes in flight to be busy; None: the CPU batch.
     """
 
     name: str
@@ -48,6 +50,10 @@ class BenchCase:
     work: int
     setup: Callable[[str, str], tuple[Callable[[], None], Callable[[], None] | None]]
     grad: bool = False
+    cuda_work: int | None = None
+
+    def work_on(self, device: str) -> int:
+        return self.cuda_work if device == "cuda" and self.cuda_work is not None else self.work
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,23 +123,25 @@ def measure(case_name: str, device: str, precision: str, backend: str, threads: 
     for row in rows:
         row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         if device == "cuda":
-            row["cuda_max_allocated_mb"] = _cuda_max_allocated_mb()
+            row["cuda_peak_mb"] = _cuda_peak_mb()
     return rows
 
 
-def _cuda_max_allocated_mb() -> float | None:
-    try:
-        import torch
+def _cuda_peak_mb() -> float:
+    """GPU memory high-water mark of this process: torch's caching allocator plus Dr.Jit's own
+    (the two peaks are added, an upper bound when they do not coincide)."""
+    import drjit as dr
+    import torch
 
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except Exception:  # torch without CUDA: nothing to report
-        return None
+    torch_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else 0
+    drjit_peak = dr.detail.malloc_watermark(dr.JitBackend.CUDA)
+    return round((torch_peak + drjit_peak) / 2**20, 1)
 
 
 def _row(case: BenchCase, device, precision, backend, threads, seconds) -> dict:
     return {"case": case.name, "unit": case.unit, "grad": case.grad, "device": device,
             "precision": precision, "backend": backend, "threads": threads,
-            "seconds": seconds, "rate": case.work / seconds}
+            "seconds": seconds, "rate": case.work_on(device) / seconds}
 
 
 def run_all(case_names: list[str], devices: list[str], precisions: list[str], max_threads: int,

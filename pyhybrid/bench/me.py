@@ -1,6 +1,6 @@
 """Benchmark cases: LO matrix elements, Dr.Jit module vs the torch-eager reference.
 
-Work unit: matrix-element evaluations (events). The Dr.Jit side is the
+Work unit: matrix-element evaluations (events), 2^20 per call (2^23 on CUDA). The Dr.Jit side is the
 user-facing :class:`pyhybrid.nn.MatrixElement` with its default input
 validation; the baseline is ``tests/reference/torch_me.py`` (the same formulas,
 one torch op each). Gradient cases time forward + backward: ``grad-params``
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pyhybrid.bench.harness import BenchCase, load_reference
 
 N_EVENTS = 1 << 20
+CUDA_EVENTS = 1 << 23
 _SQRT_S = {"ee_mumu": 91.2, "ee_qqg": 91.2, "gg_tt": 500.0}
 
 
@@ -20,7 +21,7 @@ def _reference():
     return load_reference("torch_me")
 
 
-def _setup(process: str, mode: str, n_events: int):
+def _setup(process: str, mode: str):
     def setup(device: str, precision: str):
         import torch
 
@@ -30,7 +31,7 @@ def _setup(process: str, mode: str, n_events: int):
         dtype = getattr(torch, precision)
         masses = torch.tensor([172.5 if get_process(process).massive_top else 0.0] * get_process(process).n_out,
                               dtype=torch.float64)
-        momenta, _ = rambo_momenta(_SQRT_S[process], masses, n_events, seed=1)
+        momenta, _ = rambo_momenta(_SQRT_S[process], masses, CUDA_EVENTS if device == "cuda" else N_EVENTS, seed=1)
         momenta = momenta.detach().to(device=device, dtype=dtype)
         module = MatrixElement(process).to(device=device, dtype=dtype)
         params = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
@@ -66,7 +67,8 @@ def _setup(process: str, mode: str, n_events: int):
 
 
 CASES = [
-    BenchCase(f"me-{process}-{mode}", "events", N_EVENTS, _setup(process, mode, N_EVENTS), grad=mode != "forward")
+    BenchCase(f"me-{process}-{mode}", "events", N_EVENTS, _setup(process, mode), grad=mode != "forward",
+              cuda_work=CUDA_EVENTS)
     for process in ("ee_mumu", "ee_qqg", "gg_tt")
     for mode in ("forward", "grad-params", "grad-all")
 ]

@@ -1,6 +1,7 @@
 """Benchmark cases: track propagation through a barrel tracker (Dr.Jit Propagator vs torch eager).
 
-Workload: WORKLOAD_TRACKS (100 000; GRADIENT_TRACKS = 5000 for the gradient cases) muons from the origin, p_T uniform in [1, 10] GeV, |eta| < 1,
+Workload: WORKLOAD_TRACKS (100 000; GRADIENT_TRACKS = 5000 for the gradient cases; on CUDA
+1 000 000 and 50 000) muons from the origin, p_T uniform in [1, 10] GeV, |eta| < 1,
 2 T solenoid (R = 1.2 m, L = 3 m, paraxial model), ten silicon barrel layers (0.3 mm,
 radii 30-850 mm, |z| < 1 m), classic RK4 with 10 mm steps, mean energy loss at each
 layer. The torch-eager baseline is ``tests/reference/torch_rk4.py``: the same
@@ -23,6 +24,9 @@ WORKLOAD_TRACKS = 100_000
 # torch eager's autograd tapes every step (~2 GB at 5000 tracks in float64), so the gradient
 # cases use a smaller batch to stay within a 24 GB machine.
 GRADIENT_TRACKS = 5000
+# On CUDA: batches that fill a GPU; the gradient batch keeps torch eager's tape under ~20 GB.
+CUDA_WORKLOAD_TRACKS = 1_000_000
+CUDA_GRADIENT_TRACKS = 50_000
 STEPS_PER_TRACK = 106.1
 RADII = (30.0, 60.0, 100.0, 150.0, 200.0, 300.0, 400.0, 550.0, 700.0, 850.0)
 HALF_LENGTH = 1000.0
@@ -60,14 +64,14 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _setup(gradient: str | None, n_tracks: int):
+def _setup(gradient: str | None, n_tracks: int, cuda_tracks: int):
     def setup(device: str, precision: str):
         import torch
 
         from pyhybrid.nn.propagator import RK4, Propagator, SolenoidField, barrel
 
         reference = _reference()
-        params = workload(n_tracks, device, precision)
+        params = workload(cuda_tracks if device == "cuda" else n_tracks, device, precision)
         everything = gradient == "all"
         prop = Propagator(SolenoidField(*SOLENOID, requires_grad=everything),
                           barrel(RADII, half_length=HALF_LENGTH, thickness=THICKNESS), stepper=RK4(STEP),
@@ -111,9 +115,10 @@ def _work(n_tracks: int) -> int:
 
 
 CASES = [
-    BenchCase("propagate-rk4-forward", "track-steps", _work(WORKLOAD_TRACKS), _setup(None, WORKLOAD_TRACKS)),
-    BenchCase("propagate-rk4-gradient-tracks", "track-steps", _work(GRADIENT_TRACKS),
-              _setup("tracks", GRADIENT_TRACKS), grad=True),
-    BenchCase("propagate-rk4-gradient-all", "track-steps", _work(GRADIENT_TRACKS),
-              _setup("all", GRADIENT_TRACKS), grad=True),
+    BenchCase("propagate-rk4-forward", "track-steps", _work(WORKLOAD_TRACKS),
+              _setup(None, WORKLOAD_TRACKS, CUDA_WORKLOAD_TRACKS), cuda_work=_work(CUDA_WORKLOAD_TRACKS)),
+    *[BenchCase(f"propagate-rk4-gradient-{gradient}", "track-steps", _work(GRADIENT_TRACKS),
+                _setup(gradient, GRADIENT_TRACKS, CUDA_GRADIENT_TRACKS), grad=True,
+                cuda_work=_work(CUDA_GRADIENT_TRACKS))
+      for gradient in ("tracks", "all")],
 ]

@@ -19,6 +19,7 @@ from pyhybrid.bench.harness import BenchCase
 
 N_EVENTS = 100_000
 N_GRADIENT_EVENTS = 50_000
+CUDA_EVENTS = 2_000_000  # a GPU needs ~1e6 events in flight
 EDGES = tuple(np.linspace(-3.5, -0.5, 7))
 
 
@@ -31,9 +32,10 @@ def _shower_setup(with_observables: bool):
         types = kernel_types(device, precision)
         settings = ShowerSettings()
         seeds = iter(range(1, 10**9))
+        n_events = CUDA_EVENTS if device == "cuda" else N_EVENTS
 
         def call():
-            result = run_shower(types, N_EVENTS, settings, next(seeds))
+            result = run_shower(types, n_events, settings, next(seeds))
             if with_observables:
                 record = result.record
                 event_shapes([record.E, record.px, record.py, record.pz], result.n_particles, settings.s)
@@ -57,9 +59,10 @@ def _gradient_setup(estimator_name: str):
         shower = PartonShower(dtype=dtype, device=device)
         spec = HistogramObservable("log10_y23", EDGES)
         seeds = iter(range(1, 10**9))
+        n_events = CUDA_EVENTS if device == "cuda" else N_GRADIENT_EVENTS
 
         def call():
-            estimator.estimate(shower, spec, N_GRADIENT_EVENTS, next(seeds))
+            estimator.estimate(shower, spec, n_events, next(seeds))
             dr.sync_thread()
 
         return call, None
@@ -68,8 +71,9 @@ def _gradient_setup(estimator_name: str):
 
 
 CASES = [
-    BenchCase("shower", "events", N_EVENTS, _shower_setup(False)),
-    BenchCase("shower-observables", "events", N_EVENTS, _shower_setup(True)),
-    *[BenchCase(f"shower-gradient-{name}", "events", N_GRADIENT_EVENTS, _gradient_setup(name), grad=True)
+    BenchCase("shower", "events", N_EVENTS, _shower_setup(False), cuda_work=CUDA_EVENTS),
+    BenchCase("shower-observables", "events", N_EVENTS, _shower_setup(True), cuda_work=CUDA_EVENTS),
+    *[BenchCase(f"shower-gradient-{name}", "events", N_GRADIENT_EVENTS, _gradient_setup(name), grad=True,
+                cuda_work=CUDA_EVENTS)
       for name in ("score-function", "stochastic-ad", "relaxed")],
 ]

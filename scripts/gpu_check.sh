@@ -47,7 +47,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 timeout 60 python3 -m pyhybrid.cli info 2>&1 | tee -a "$LOG"
 
 phase "tests (CUDA)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_engine.py \
+timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_engine.py \
     tests/test_calorimeter.py::test_cuda_matches_cpu 2>&1 | tee -a "$LOG"
 
 bench() {  # bench NAME SECONDS ARGS...: one topic, its JSON copied to $OUT as soon as it exists
@@ -58,12 +58,12 @@ bench() {  # bench NAME SECONDS ARGS...: one topic, its JSON copied to $OUT as s
         | tee -a "$LOG"
     cp "/tmp/bench-$name/bench.json" "$OUT/bench-$name.json" 2>/dev/null || echo "bench $name: no result" | tee -a "$LOG"
 }
-bench propagate 170 --precision float32 --precision float64 \
+bench propagate 130 --precision float32 --precision float64 \
     --case propagate-rk4-forward --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all
-bench shower 90 --precision float32 --precision float64 \
+bench shower 75 --precision float32 --precision float64 \
     --case shower-observables --case shower-gradient-score-function --case shower-gradient-stochastic-ad
-bench me 90 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
+bench me 60 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
     --case me-gg_tt-forward --case me-gg_tt-grad-params --case me-gg_tt-grad-all
-bench calorimeter 60 --precision float32 --case calorimeter-showers --case calorimeter-showers-grad \
+bench calorimeter 45 --precision float32 --case calorimeter-showers --case calorimeter-showers-grad \
     --case training-step-hybrid
 phase done

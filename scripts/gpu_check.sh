@@ -58,9 +58,9 @@ bench() {  # bench NAME SECONDS ARGS...: one topic, its JSON copied to $OUT as s
         | tee -a "$LOG"
     cp "/tmp/bench-$name/bench.json" "$OUT/bench-$name.json" 2>/dev/null || echo "bench $name: no result" | tee -a "$LOG"
 }
-bench propagate 130 --precision float32 --precision float64 \
-    --case propagate-rk4-forward --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all
-bench shower 75 --precision float32 --precision float64 \
+bench propagate-forward 60 --precision float32 --precision float64 --case propagate-rk4-forward
+bench propagate-gradient 80 --precision float32 --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all
+bench shower 60 --precision float32 \
     --case shower-observables --case shower-gradient-score-function --case shower-gradient-stochastic-ad
 bench me 60 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
     --case me-gg_tt-forward --case me-gg_tt-grad-params --case me-gg_tt-grad-all

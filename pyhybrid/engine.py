@@ -119,15 +119,49 @@ def _split(flat, shape: tuple[int, ...]):
     return tuple(dr.gather(type(flat), flat, index + j) for j in range(k))
 
 
-def _join(value, types: KernelTypes) -> torch.Tensor:
-    """Kernel output (array, or list/vector of column arrays) -> new torch tensor."""
+def _join(value, types: KernelTypes, owners: "_Owners") -> torch.Tensor:
+    """Kernel output (array, or list/vector of column arrays) -> torch tensor of its own."""
     if _is_columns(value):
         columns = [dr.detach(types.Float(c)) for c in value]
         dr.eval(*columns)
         return torch.stack([c.torch() for c in columns], dim=-1)
     array = dr.detach(types.Float(value))
     dr.eval(array)
-    return array.torch().clone()
+    return owners.hand_over(array)
+
+
+class _Owners:
+    """Hands evaluated Dr.Jit arrays to torch, copying only memory that is not the array's alone.
+
+    On the CPU, a copy of a large result costs more than the kernel that made it
+    (fresh pages: ~1 GB/s on a small VM), so an evaluated array is handed over
+    zero-copy (torch then holds the Dr.Jit reference, and freed memory returns to
+    Dr.Jit's allocator cache). It is copied when torch could otherwise modify
+    memory that is still in use: memory of the ``tensors`` it wraps (a kernel
+    returning its input), an array the kernel keeps in ``saved`` for its VJP,
+    or an array already handed over. On CUDA it is always copied: torch's caching
+    allocator makes that cheap and keeps lifetimes ordered on torch's stream.
+    """
+
+    def __init__(self, tensors, saved=None):
+        self.tensors = [t for t in tensors if t is not None]
+        self.saved = None if saved is None else {i & 0xFFFFFFFF for i in dr.detail.collect_indices(saved)}
+        self.handed: list[torch.Tensor] = []
+
+    def hand_over(self, array) -> torch.Tensor:
+        out = array.torch()
+        if out.device.type != "cpu" or (self.saved is not None and array.index in self.saved) or any(
+                _overlap(out, t) for t in self.tensors + self.handed):
+            out = out.clone()
+        self.handed.append(out)
+        return out
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    return a_start < b_start + b.numel() * b.element_size() and b_start < a_start + a.numel() * a.element_size()
 
 
 # ---------------------------------------------------------------- autograd bridge
@@ -142,6 +176,12 @@ class _Call:
     static: dict
     types: KernelTypes
     saved: Any = None
+
+
+def _new_scope(types: KernelTypes) -> None:
+    """Start a new Dr.Jit scope: torch runs the backward of CUDA tensors on its own device thread,
+    and Dr.Jit must see the arrays one thread built as ordered before what another builds from them."""
+    dr.detail.new_scope(dr.backend_v(types.Float))
 
 
 def _flat_inputs(tensors, types: KernelTypes) -> list:
@@ -168,13 +208,15 @@ class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
         # No dr.suspend_grad here: a kernel may use forward-mode AD internally to build its Jacobian.
+        _new_scope(call.types)
         inputs = _kernel_inputs(_flat_inputs(tensors, call.types), tensors)
         if call.vjp is None:
             outputs = _outputs_tuple(call.forward(*inputs, **call.static))
         else:
             result, call.saved = call.forward(*inputs, **call.static)
             outputs = _outputs_tuple(result)
-        results = tuple(_join(o, call.types) for o in outputs)
+        owners = _Owners(tensors, call.saved)
+        results = tuple(_join(o, call.types, owners) for o in outputs)
         ctx.call = call
         ctx.save_for_backward(*tensors)
         return results if len(results) > 1 else results[0]
@@ -183,37 +225,47 @@ class _KernelFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
         call: _Call = ctx.call
+        _new_scope(call.types)
         tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
-        grads_out = tuple(
-            _split(call.types.Float(g.detach().reshape(-1).contiguous()), tuple(g.shape))
-            for g in grad_outputs
-        )
+        grads_out = tuple(_grad_output(g, call.types) for g in grad_outputs)
         if call.vjp is not None:
             grads_in = call.vjp(call.saved, grads_out, needs, **call.static)
         else:
             grads_in = _reverse_ad(call, tensors, grads_out, needs)
+        owners = _Owners([*tensors, *grad_outputs], call.saved)
         result = [None]
         for g, t, need in zip(grads_in, tensors, needs):
-            result.append(_grad_tensor(g, t) if need and g is not None else None)
+            result.append(_grad_tensor(g, t, owners) if need and g is not None else None)
         return tuple(result)
 
 
-def _grad_tensor(g, like: torch.Tensor) -> torch.Tensor:
+def _grad_output(g: torch.Tensor, types: KernelTypes):
+    """Incoming gradient -> kernel layout. A broadcast scalar (``out.sum().backward()`` gives
+    one, all strides 0) stays a lazy Dr.Jit broadcast instead of N materialised copies."""
+    g = g.detach()
+    if g.dim() == 0 or any(stride != 0 for stride in g.stride()):
+        return _split(types.Float(g.reshape(-1).contiguous()), tuple(g.shape))
+    value = types.Float(g.reshape(-1)[:1].clone())
+    columns = [value + dr.zeros(types.Float, g.shape[0]) for _ in range(1 if g.dim() == 1 else g.shape[1])]
+    return columns[0] if g.dim() == 1 else tuple(columns)
+
+
+def _grad_tensor(g, like: torch.Tensor, owners: _Owners) -> torch.Tensor:
     """Gradient (array, tuple of columns, 1-lane broadcast or tensor) -> tensor like ``like``."""
     if isinstance(g, (tuple, list)):
         dr.eval(*g)
         out = torch.stack([c.torch() for c in g], dim=-1)
     elif isinstance(g, torch.Tensor):
-        out = g
+        out = g.clone()  # the VJP's own tensor: it may keep and reuse it
     else:
         dr.eval(g)
-        out = g.torch()
+        out = owners.hand_over(g)
     if out.numel() == 1 and like.numel() != 1:
         out = out.reshape(()).expand(like.shape)
     elif like.numel() == 1 and out.numel() != 1:
         out = out.sum()  # per-lane contributions to a broadcast parameter
-    return out.reshape(like.shape).to(like.dtype).clone()
+    return out.reshape(like.shape).to(like.dtype)
 
 
 def _reverse_ad(call: _Call, tensors, grads_out, needs):

@@ -2,7 +2,9 @@
 # CUDA checks and GPU benchmarks in one short run on a machine with an NVIDIA GPU whose python3
 # already has torch (CUDA build), numpy, h5py, click, rich, matplotlib, scipy and pytest.
 #
-#   bash scripts/gpu_check.sh            # results in $OUT (default gpu-results/)
+#   bash scripts/gpu_check.sh                 # every phase; results in $OUT (default gpu-results/)
+#   bash scripts/gpu_check.sh tests me        # chosen phases (tests, propagate-forward,
+#                                             # propagate-gradient, shower, me, calorimeter)
 #
 # Dr.Jit comes from .whl/drjit-*.whl when it is not installed (the wheel for the machine's
 # Python, `pip download --no-deps --only-binary=:all: drjit==1.5.0`). The LLVM (CPU) backend
@@ -46,10 +48,6 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 timeout 60 python3 -m pyhybrid.cli info 2>&1 | tee -a "$LOG"
 
-phase "tests (CUDA)"
-timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_engine.py \
-    tests/test_calorimeter.py::test_cuda_matches_cpu 2>&1 | tee -a "$LOG"
-
 bench() {  # bench NAME SECONDS ARGS...: one topic, its JSON copied to $OUT as soon as it exists
     local name=$1 seconds=$2
     shift 2
@@ -58,12 +56,32 @@ bench() {  # bench NAME SECONDS ARGS...: one topic, its JSON copied to $OUT as s
         | tee -a "$LOG"
     cp "/tmp/bench-$name/bench.json" "$OUT/bench-$name.json" 2>/dev/null || echo "bench $name: no result" | tee -a "$LOG"
 }
-bench propagate-forward 60 --precision float32 --precision float64 --case propagate-rk4-forward
-bench propagate-gradient 80 --precision float32 --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all
-bench shower 60 --precision float32 \
-    --case shower-observables --case shower-gradient-score-function --case shower-gradient-stochastic-ad
-bench me 60 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
-    --case me-gg_tt-forward --case me-gg_tt-grad-params --case me-gg_tt-grad-all
-bench calorimeter 45 --precision float32 --case calorimeter-showers --case calorimeter-showers-grad \
-    --case training-step-hybrid
+
+run_phase() {
+    case $1 in
+    tests)
+        phase "tests (CUDA)"
+        timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_engine.py \
+            tests/test_calorimeter.py::test_cuda_matches_cpu 2>&1 | tee -a "$LOG" ;;
+    propagate-forward)
+        bench "$1" 60 --precision float32 --precision float64 --case propagate-rk4-forward ;;
+    propagate-gradient)
+        bench "$1" 90 --precision float32 --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all ;;
+    shower)
+        bench "$1" 60 --precision float32 --case shower-observables --case shower-gradient-score-function \
+            --case shower-gradient-stochastic-ad ;;
+    me)
+        bench "$1" 60 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
+            --case me-gg_tt-forward --case me-gg_tt-grad-params --case me-gg_tt-grad-all ;;
+    calorimeter)
+        bench "$1" 90 --precision float32 --case calorimeter-showers --case calorimeter-showers-grad \
+            --case training-step-hybrid ;;
+    *) echo "unknown phase $1" | tee -a "$LOG" ;;
+    esac
+}
+
+# phases to run (default: all), e.g. `bash scripts/gpu_check.sh tests propagate-gradient`
+for name in "${@:-tests propagate-forward propagate-gradient shower me calorimeter}"; do
+    for one in $name; do run_phase "$one"; done
+done
 phase done

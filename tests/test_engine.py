@@ -110,6 +110,48 @@ def test_zero_copy_on_cpu():
     assert array[3] == 42.0
 
 
+def test_summed_output_gradient_equals_explicit_ones():
+    # out.sum().backward() hands the kernel a broadcast (stride-0) gradient, kept lazy on the Dr.Jit side.
+    for fn in (reverse_fn, forward_fn):
+        inputs = _inputs()
+        summed = torch.autograd.grad(fn(*inputs).sum(), inputs)
+        out = fn(*inputs)
+        explicit = torch.autograd.grad(out, inputs, torch.ones(out.shape, dtype=out.dtype).contiguous())
+        for a, b in zip(summed, explicit):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _identity(x):
+    return x
+
+
+def _keep_output(x):
+    y = x * 2.0
+    dr.eval(y)
+    return y, y  # the VJP's saved state is the output array itself
+
+
+def _vjp_from_saved_output(saved, grad_outputs, needs):
+    return (saved,)  # the same Dr.Jit array on every backward call
+
+
+def test_results_handed_to_torch_never_share_memory_in_use():
+    x = torch.arange(4.0, dtype=torch.float64)
+    out = engine.kernel_function(_identity)(x)
+    out += 1.0  # must not write into the input
+    assert x.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+    keep = engine.kernel_function(_keep_output, vjp=_vjp_from_saved_output)
+    x = torch.arange(4.0, dtype=torch.float64, requires_grad=True)
+    y = keep(x)
+    y.detach().zero_()  # must not change the state saved for the backward pass
+    y.backward(torch.ones(4, dtype=torch.float64), retain_graph=True)
+    assert x.grad.tolist() == [0.0, 2.0, 4.0, 6.0]
+    x.grad.zero_()  # an in-place change of a handed-over gradient must not reach the saved state either
+    y.backward(torch.ones(4, dtype=torch.float64))
+    assert x.grad.tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
 def test_bad_inputs_name_the_problem():
     state, omega, damping = _inputs()
     with pytest.raises(TypeError, match="input 1 has dtype torch.float32"):

@@ -13,7 +13,7 @@ from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.electroweak import DEFAULTS, GF, SMParameters, alpha_from_gf
 from pyhybrid.kernels.hard_process import HardProcess
 from pyhybrid.kernels.matrix_elements import CF, GEV2_TO_PB, get_process
-from pyhybrid.nn.matrix_element import (DifferentialCrossSection, MatrixElement, TwoBodyCrossSection,
+from pyhybrid.nn.matrix_element import (_SUM_BLOCK, DifferentialCrossSection, MatrixElement, TwoBodyCrossSection,
                                         rambo_momenta)
 
 T64 = kernel_types("cpu", "float64")
@@ -201,6 +201,46 @@ def test_gradcheck_through_matrix_element(process):
 
     inputs = (momenta, *[p.detach().clone().requires_grad_() for p in params])
     assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("process", ["ee_mumu", "ee_qqg", "gg_tt"])
+def test_gradcheck_parameters_only(process):
+    """Fixed data momenta: the forward pass stores per-event parameter derivatives (another path)."""
+    module = MatrixElement(process, gf=GF).double()  # G_mu scheme: alpha depends on mz and sin^2 too
+    momenta = _momenta(process, 3)
+    names = ("mz", "gamma_z", "gf", "sin2_theta_w", "alpha_s", "top_mass")
+
+    def function(*values):
+        return torch.func.functional_call(module, dict(zip(names, values)), (momenta,))
+
+    inputs = tuple(getattr(module, name).detach().clone().requires_grad_() for name in names)
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("process", ["ee_mumu", "gg_tt"])
+@pytest.mark.parametrize("momenta_grad", [False, True], ids=["params", "params+momenta"])
+def test_gradients_on_a_large_batch_match_torch_autograd(process, momenta_grad):
+    """Several partial-sum blocks (N not a multiple of the block), a non-uniform upstream gradient,
+    a frozen parameter, and a repeated backward pass."""
+    n = 3 * _SUM_BLOCK + 5
+    module = MatrixElement(process).double()
+    module.mz.requires_grad_(False)
+    momenta = _momenta(process, n).requires_grad_(momenta_grad)
+    weights = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss = (weights * module(momenta)).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()  # gradients accumulate: twice the single-pass value
+    params = {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in module.named_parameters()}
+    reference_momenta = momenta.detach().clone().requires_grad_(momenta_grad)
+    (2 * weights * torch_me.squared_matrix_element(process, reference_momenta, params)).sum().backward()
+    assert module.mz.grad is None
+    for name, p in params.items():
+        if p.requires_grad:
+            expected = p.grad if p.grad is not None else torch.zeros((), dtype=torch.float64)
+            torch.testing.assert_close(getattr(module, name).grad, expected, rtol=1e-10, atol=0)
+    if momenta_grad:
+        scale = reference_momenta.grad.abs().max()
+        torch.testing.assert_close(momenta.grad, reference_momenta.grad, rtol=1e-10, atol=1e-13 * scale)
 
 
 def test_parameter_gradients_match_finite_differences_of_sigma():

@@ -91,7 +91,7 @@ def alpha_from_gf(gf, mz, sin2_theta_w):
 
 def z_couplings(f: Fermion, sin2_theta_w):
     """(g_L, g_R) of the Z to fermion ``f`` in units of e (see the module docstring)."""
-    norm = dr.rsqrt(sin2_theta_w * (1.0 - sin2_theta_w))
+    norm = 1.0 / dr.sqrt(sin2_theta_w * (1.0 - sin2_theta_w))
     g_left = (f.isospin - f.charge * sin2_theta_w) * norm
     g_right = (-f.charge * sin2_theta_w) * norm
     return g_left, g_right

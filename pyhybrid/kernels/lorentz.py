@@ -125,7 +125,7 @@ class FourVector:
         regular at b = 0 and keeps gradients finite there.
         """
         b2 = bx * bx + by * by + bz * bz
-        gamma = dr.rsqrt(1.0 - b2)
+        gamma = 1.0 / dr.sqrt(1.0 - b2)
         bp = bx * self.px + by * self.py + bz * self.pz
         along = gamma * gamma / (gamma + 1.0) * bp + gamma * self.E
         return FourVector(gamma * (self.E + bp), self.px + along * bx, self.py + along * by,

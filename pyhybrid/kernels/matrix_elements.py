@@ -40,7 +40,7 @@ from pyhybrid.kernels.lorentz import FourVector
 
 __all__ = ["GEV2_TO_PB", "CF", "NC", "Process", "PROCESSES", "get_process", "squared_matrix_element",
            "ee_to_ffbar", "ee_to_qqbarg", "qqbar_to_ttbar", "gg_to_ttbar", "gg_to_ttbar_colour_weights",
-           "chiral_sums"]
+           "chiral_sums", "summed_chiral_sums"]
 
 #: 1 GeV^-2 in picobarn (hbar c)^2.
 GEV2_TO_PB = 0.3893793721e9
@@ -51,36 +51,52 @@ _ELECTRON = FERMIONS["e"]
 
 def chiral_sums(s, params: SMParameters, f: Fermion):
     """(|A_LL|^2 + |A_RR|^2, |A_LR|^2 + |A_RL|^2) of e- e+ -> f fbar at invariant mass^2 ``s`` [GeV^-4]."""
+    return summed_chiral_sums(s, params, [(f, 1.0)])
+
+
+def summed_chiral_sums(s, params: SMParameters, weighted_fermions):
+    """Sum over (fermion f, weight w_f) of w_f (|A_LL|^2 + |A_RR|^2, |A_LR|^2 + |A_RL|^2) [GeV^-4].
+
+    Expanded in the event's invariants, with P = 1 / (s - mZ^2 + i mZ GammaZ):
+    |A_ij|^2 = e^4 [(Q_e Q_f / s)^2 + 2 (Q_e Q_f / s) g_i^e g_j^f Re P + (g_i^e g_j^f)^2 |P|^2],
+    so the sum over flavours and chiralities collapses into coefficients that depend on
+    the parameters only, and the work per event does not grow with the number of flavours.
+    """
+    gl_e, gr_e = z_couplings(_ELECTRON, params.sin2_theta_w)
+    photon2, same, opposite = 0.0, [0.0, 0.0], [0.0, 0.0]
+    for f, weight in weighted_fermions:
+        gl_f, gr_f = z_couplings(f, params.sin2_theta_w)
+        charge = _ELECTRON.charge * f.charge
+        photon2 = photon2 + 2.0 * weight * charge * charge
+        for sums, (c1, c2) in ((same, (gl_e * gl_f, gr_e * gr_f)), (opposite, (gl_e * gr_f, gr_e * gl_f))):
+            sums[0] = sums[0] + (2.0 * weight * charge) * (c1 + c2)  # photon-Z interference
+            sums[1] = sums[1] + weight * (c1 * c1 + c2 * c2)  # |Z|^2
     e2 = 4.0 * math.pi * params.alpha
+    e4 = e2 * e2
     mz2 = params.mz * params.mz
     mz_gamma = params.mz * params.gamma_z
-    inverse_denominator = 1.0 / ((s - mz2) * (s - mz2) + mz_gamma * mz_gamma)
-    re_z = (s - mz2) * inverse_denominator
-    im_z = -mz_gamma * inverse_denominator
-    photon = _ELECTRON.charge * f.charge / s
-    gl_e, gr_e = z_couplings(_ELECTRON, params.sin2_theta_w)
-    gl_f, gr_f = z_couplings(f, params.sin2_theta_w)
+    inverse_s = 1.0 / s
+    off_peak = s - mz2
+    abs_p2 = 1.0 / (off_peak * off_peak + mz_gamma * mz_gamma)
+    re_p = off_peak * abs_p2
+    photon_term = photon2 * inverse_s * inverse_s
 
-    def squared(g_e, g_f):
-        coupling = g_e * g_f
-        re = photon + coupling * re_z
-        im = coupling * im_z
-        return e2 * e2 * (re * re + im * im)
+    def total(sums):
+        return e4 * (photon_term + sums[0] * inverse_s * re_p + sums[1] * abs_p2)
 
-    same = squared(gl_e, gl_f) + squared(gr_e, gr_f)
-    opposite = squared(gl_e, gr_f) + squared(gr_e, gl_f)
-    return same, opposite
+    return total(same), total(opposite)
 
 
-def _flavours(flavour: str) -> list[tuple[Fermion, int]]:
-    """(fermion, multiplicity) pairs; 'all' groups the massless quarks with equal couplings (d s b, u c)."""
+def _flavours(flavour: str) -> list[tuple[Fermion, float]]:
+    """(fermion, N_c x multiplicity) pairs; 'all' groups the massless quarks with equal couplings (d s b, u c)."""
     if flavour != "all":
-        return [(fermion(flavour), 1)]
+        f = fermion(flavour)
+        return [(f, float(f.colours))]
     groups: dict[tuple[float, float], list] = {}
     for q in QUARKS:
         f = fermion(q)
-        groups.setdefault((f.charge, f.isospin), [f, 0])[1] += 1
-    return [(f, count) for f, count in groups.values()]
+        groups.setdefault((f.charge, f.isospin), [f, 0.0])[1] += f.colours
+    return [(f, weight) for f, weight in groups.values()]
 
 
 def ee_to_ffbar(p: Sequence[FourVector], params: SMParameters, flavour: str = "mu"):
@@ -88,11 +104,8 @@ def ee_to_ffbar(p: Sequence[FourVector], params: SMParameters, flavour: str = "m
     s = 2.0 * p[0].dot(p[1])
     t = -2.0 * p[0].dot(p[2])
     u = -2.0 * p[0].dot(p[3])
-    result = 0.0
-    for f, multiplicity in _flavours(flavour):
-        same, opposite = chiral_sums(s, params, f)
-        result = result + (multiplicity * f.colours) * (same * u * u + opposite * t * t)
-    return result
+    same, opposite = summed_chiral_sums(s, params, _flavours(flavour))
+    return same * u * u + opposite * t * t
 
 
 def ee_to_qqbarg(p: Sequence[FourVector], params: SMParameters, flavour: str = "all"):
@@ -103,12 +116,8 @@ def ee_to_qqbarg(p: Sequence[FourVector], params: SMParameters, flavour: str = "
     s35, s45 = 2.0 * p[2].dot(p[4]), 2.0 * p[3].dot(p[4])
     gs2 = 4.0 * math.pi * params.alpha_s
     eikonal = 2.0 * gs2 * CF * s12 / (s35 * s45)
-    result = 0.0
-    same_pairs, opposite_pairs = s14 * s14 + s23 * s23, s13 * s13 + s24 * s24
-    for f, multiplicity in _flavours(flavour):
-        same, opposite = chiral_sums(s12, params, f)
-        result = result + (multiplicity * f.colours) * (same * same_pairs + opposite * opposite_pairs)
-    return eikonal * result
+    same, opposite = summed_chiral_sums(s12, params, _flavours(flavour))
+    return eikonal * (same * (s14 * s14 + s23 * s23) + opposite * (s13 * s13 + s24 * s24))
 
 
 def _top_invariants(p: Sequence[FourVector], params: SMParameters):

@@ -54,7 +54,7 @@ from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
 
 __all__ = ["Particle", "MUON", "PION", "KAON", "PROTON", "PARTICLES", "FreeParameters", "Layer",
            "PropagationOptions", "SCATTERING_MODES", "LayerHits", "JacobianRecord", "PathResult", "propagate_path",
-           "propagate_layers", "layers_vjp", "random_tracks", "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
+           "propagate_layers", "layers_vjp", "row_major", "random_tracks", "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
 
 RUNNING, REACHED, MISSED = 0, 1, 2
 FREE_NAMES = ("x", "y", "z", "t", "tx", "ty", "tz", "qop")
@@ -186,34 +186,43 @@ class _PathTarget:
 
 @dataclass
 class _Loop:
-    """State of the stepping loop (one lane per track)."""
+    """State of the stepping loop (one lane per track).
+
+    ``h``, ``max_error`` and ``accepted`` are carried only by the adaptive stepper (None for RK4,
+    whose step size is a compile-time constant and whose every iteration is an accepted step):
+    fewer loop variables, fewer live registers in the compiled loop.
+    """
 
     r: tuple
     t: tuple
     s: object
-    h: object            # accuracy step size of the adaptive stepper (fixed for RK4)
     iterations: object
     status: object
     crossed: object
     approached: object
-    distance: object     # signed straight-line distance to the target
-    max_error: object    # largest error estimate of an accepted step (adaptive stepper)
-    accepted: object     # accepted steps
+    distance: object     # straight-line distance that limits the next step (see ``line_distance``)
     columns: list        # [(dr, dt)] tangent columns (empty without Jacobian)
+    h: object = None          # accuracy step size of the adaptive stepper
+    max_error: object = None  # largest error estimate of an accepted step (adaptive stepper)
+    accepted: object = None   # accepted steps (adaptive stepper)
 
 
 def _check(loop: _Loop, target, side, options: PropagationOptions, running):
-    """Update crossing/approach flags, the distance to the target and the status at the current point."""
-    level = target.level(loop.r, loop.s)
-    crossed = side * level < 0
+    """Update crossing/approach flags, the distance to the target and the status at the current point.
+
+    Only the signs of the target's level function and its rate are used (cheap: no square roots).
+    """
+    crossed = side * target.level(loop.r, loop.s) < 0
     approaching = side * target.level_rate(loop.r, loop.t) < 0
     approached = loop.approached | approaching
     distance, nearest = target.line_distance(loop.r, loop.t, loop.s, crossed)
     reached = dr.abs(nearest) < options.surface_tolerance
-    turned = approached & ~approaching & ~crossed
-    rho2 = loop.r[0] * loop.r[0] + loop.r[1] * loop.r[1]
-    outside = (rho2 > options.world_radius ** 2) | (dr.abs(loop.r[2]) > options.world_half_length)
-    missed = turned | outside | (loop.s > options.max_path) | (loop.iterations >= options.max_steps)
+    missed = (approached & ~approaching & ~crossed) | (loop.s > options.max_path) | \
+        (loop.iterations >= options.max_steps)
+    if math.isfinite(options.world_radius):
+        missed = missed | (loop.r[0] * loop.r[0] + loop.r[1] * loop.r[1] > options.world_radius ** 2)
+    if math.isfinite(options.world_half_length):
+        missed = missed | (dr.abs(loop.r[2]) > options.world_half_length)
     status = dr.select(running & reached, REACHED, dr.select(running & missed, MISSED, loop.status))
     return crossed, approached, distance, status
 
@@ -221,7 +230,8 @@ def _check(loop: _Loop, target, side, options: PropagationOptions, running):
 def _step_to_target(field, target, r, t, lam, options: PropagationOptions, columns=None):
     """Run the stepping loop until every lane reached or missed its target.
 
-    ``columns``: list of :class:`TangentColumn` to carry (or None). Returns the final loop state.
+    ``columns``: list of :class:`TangentColumn` to carry (or None). Returns the final loop state
+    (unevaluated: the loop is compiled into the kernel that evaluates its results).
     """
     types = types_of(r[0])
     stepper = options.stepper
@@ -230,10 +240,11 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     side = dr.select(target.level(r, zero) > 0, 1.0, -1.0)
     metadata = [(c.d_lambda, c.field_parameter) for c in columns or []]
     loop = _Loop(r=tuple(types.Float(v) + zero for v in r), t=tuple(types.Float(v) + zero for v in t), s=zero,
-                 h=zero + stepper.initial_step, iterations=dr.zeros(types.UInt32, n),
-                 status=dr.full(types.UInt32, RUNNING, n), crossed=dr.zeros(types.Bool, n),
-                 approached=dr.zeros(types.Bool, n), distance=zero, max_error=zero,
-                 accepted=dr.zeros(types.UInt32, n), columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
+                 iterations=dr.zeros(types.UInt32, n), status=dr.full(types.UInt32, RUNNING, n),
+                 crossed=dr.zeros(types.Bool, n), approached=dr.zeros(types.Bool, n), distance=zero,
+                 columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
+    if stepper.adaptive:
+        loop.h, loop.max_error, loop.accepted = zero + stepper.initial_step, zero, dr.zeros(types.UInt32, n)
     running = loop.status == RUNNING
     loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running)
 
@@ -242,8 +253,9 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
 
     def body(loop):
         running = loop.status == RUNNING
-        limited = dr.abs(loop.distance) < loop.h
-        h = dr.select(limited, loop.distance, dr.select(loop.crossed, -loop.h, loop.h))
+        h_max = loop.h if stepper.adaptive else stepper.step_size
+        limited = dr.abs(loop.distance) < h_max
+        h = dr.select(limited, loop.distance, dr.select(loop.crossed, -h_max, h_max))
         if not stepper.adaptive:
             # A step of size 0 is exactly the identity (values and tangents): finished lanes need no
             # select, so the old state need not stay alive across the step (fewer live registers).
@@ -264,9 +276,7 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
                                          tuple(dr.select(advance, a, b) for a, b in zip(new.dt, d_t)))
                            for new, (d_r, d_t) in zip(new_columns or [], loop.columns)]
             h = dr.select(advance, h, 0.0)
-        else:
-            advance = running
-        loop.accepted = dr.select(advance, loop.accepted + 1, loop.accepted)
+            loop.accepted = dr.select(advance, loop.accepted + 1, loop.accepted)
         loop.r, loop.t, loop.s = r_new, t_new, loop.s + h
         if columns:
             loop.columns = [(new.dr, new.dt) for new in new_columns]
@@ -274,8 +284,9 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
         loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running)
         return (loop,)
 
-    dr.make_opaque(loop)  # literal start values would let the loop optimiser fold state variables away
     (loop,) = dr.while_loop((loop,), cond, body)
+    if not stepper.adaptive:  # every RK4 iteration is an accepted step
+        loop.accepted, loop.max_error = loop.iterations, zero
     return loop
 
 
@@ -457,25 +468,50 @@ class JacobianRecord:
 
 @dataclass
 class LayerHits:
-    """Per-layer results (lists over layers; arrays over tracks).
-
-    free: 8 arrays (state on the surface, before its material); local: 2 arrays;
-    path: path length from the start [mm]; valid: Bool; covariance: 8x8 arrays of
-    the free covariance on the surface (when requested); local_covariance: 2x2.
+    """Per-layer results, stored track-major as flat arrays (what the torch layer returns, so no
+    reordering pass is needed): ``free_rows`` (N, L, 8) free parameters on the surface (before its
+    material), ``local_rows`` (N, L, 2), ``path_rows`` (N, L) path length from the start [mm],
+    ``valid_rows`` (N, L) 1.0 where the layer was hit, else 0.0 (and zeros in the other outputs).
+    ``free``, ``local``, ``path``, ``valid`` give them as lists over layers of arrays over tracks.
+    covariance: (when requested) lists over layers of the 8x8 free covariance on the surface;
+    local_covariance: 2x2.
     """
 
-    free: list
-    local: list
-    path: list
-    valid: list
+    n_layers: int
+    free_rows: object
+    local_rows: object
+    path_rows: object
+    valid_rows: object
     covariance: list | None = None
     local_covariance: list | None = None
     record: JacobianRecord | None = None
 
+    def _layer_columns(self, rows, width: int) -> list:
+        Float = type(rows)
+        stride = self.n_layers * width
+        first = dr.arange(dr.uint32_array_t(Float), dr.width(rows) // stride) * stride
+        return [[dr.gather(Float, rows, first + (k * width + j)) for j in range(width)] for k in range(self.n_layers)]
+
+    @property
+    def free(self) -> list:
+        return self._layer_columns(self.free_rows, 8)
+
+    @property
+    def local(self) -> list:
+        return self._layer_columns(self.local_rows, 2)
+
+    @property
+    def path(self) -> list:
+        return [c[0] for c in self._layer_columns(self.path_rows, 1)]
+
+    @property
+    def valid(self) -> list:
+        return [c[0] != 0 for c in self._layer_columns(self.valid_rows, 1)]
+
 
 def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], positions, thickness,
                      options: PropagationOptions, *, jacobian: bool = False, covariance=None,
-                     seed: int = 0, field_gradient: bool = True) -> LayerHits:
+                     seed: int = 0, field_gradient: bool = True, rows=None) -> LayerHits:
     """Propagate tracks through ``layers`` in order (see the module docstring).
 
     positions, thickness: arrays with one entry per layer (surface position
@@ -484,17 +520,26 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     output; ``jacobian``: keep the per-layer Jacobians for :func:`layers_vjp`.
     ``seed``: random numbers for ``scattering="sample"`` (per lane and layer).
     ``field_gradient``: carry the field-parameter columns (else their gradients are zero).
+    ``rows``: optional zero-filled arrays of N*L*8, N*L*2, N*L and N*L entries that receive the
+    outputs (``LayerHits.free_rows`` ... ``valid_rows``); a caller recording this function with
+    ``dr.freeze`` must pass them in, since an allocation made inside a recording keeps its recorded
+    size when replayed for another number of tracks.
+
+    One kernel per layer: the stepping loop, the surface, the material and the outputs of the
+    layer (written into their rows) are compiled together, so the loop state never goes to memory.
     """
     types = types_of(params.qop)
     n = dr.width(params.qop)
     for v in params.columns():
         n = max(n, dr.width(v))
+    n_layers = len(layers)
     zero = dr.zeros(types.Float, n)
     n_field = len(field.names)
     n_columns = 8 + n_field + 2
     column_a, column_thickness = 8 + n_field, 9 + n_field
     particle = options.particle
     derivatives = jacobian or covariance is not None
+    ArrayX = _dynamic_vector_type(types)
 
     # Layer parameters as memory (an array built from Python floats may be compiled in as constants).
     positions, thickness = types.Float(positions), types.Float(thickness)
@@ -506,12 +551,18 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     alive = dr.full(types.Bool, True, n)
     path_total = dr.zeros(types.Float, n)
     # Start values as memory, not literals: the first layer then compiles to the same kernels as the others.
-    dr.make_opaque(alive, path_total)
+    # (Not inside a dr.freeze recording: there an opaque array without inputs keeps the recorded
+    # width on replay, while literals take the width of the kernels they are compiled into.)
+    if not dr.flag(dr.JitFlag.FreezingScope):
+        dr.make_opaque(alive, path_total)
     record = JacobianRecord(n_field, direction=state.direction, direction_norm=norm + zero) if jacobian else None
     cov = [[covariance[i][j] + zero for j in range(8)] for i in range(8)] if covariance is not None else None
-    hits = LayerHits(free=[], local=[], path=[], valid=[],
-                     covariance=[] if cov is not None else None,
+    if rows is None:
+        rows = [dr.zeros(types.Float, n * n_layers * width) for width in (8, 2, 1, 1)]
+        dr.make_opaque(rows)
+    hits = LayerHits(n_layers, *rows, covariance=[] if cov is not None else None,
                      local_covariance=[] if cov is not None else None, record=record)
+    lane = dr.arange(types.UInt32, n) * n_layers
 
     for k, layer in enumerate(layers):
         index = dr.opaque(types.UInt32, k)  # not a literal: layers of the same kind share compiled kernels
@@ -522,7 +573,6 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         start = _SegmentStart.of(field, state.position, state.direction, lam) if derivatives else None
         columns = start.columns(n_field, field_gradient) if derivatives else None
         loop = _step_to_target(field, target, state.position, state.direction, lam, options, columns)
-        dr.eval(loop)
         if derivatives:
             r, t = _segment_duals(field, loop, start, lam, n_columns)
             qop = dm.Dual.variable(state.qop, _QOP, n_columns)
@@ -551,12 +601,12 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
             after_state[4:7] = interaction.direction
             after_state[7] = interaction.qop
 
-        # Outputs of this layer (zero where missed).
-        surface_values = [dm.value(v) for v in surface_state]
-        hits.free.append([dr.select(hit, v, 0.0) for v in surface_values])
-        hits.local.append([dr.select(hit, dm.value(v), 0.0) for v in local])
-        hits.path.append(dr.select(hit, path_total + dm.value(path), 0.0))
-        hits.valid.append(hit)
+        # Outputs of this layer into their rows (the rows are zero where the layer is missed).
+        row = lane + index
+        outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local],
+                   [path_total + dm.value(path)], [zero + 1.0])
+        for target_rows, values in zip(rows, outputs):
+            dr.scatter(target_rows, ArrayX(values), row, active=hit)
 
         if cov is not None:
             cov = _transport_covariance(cov, surface_state, after_state, local, interaction, options, hit,
@@ -577,17 +627,28 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     return hits
 
 
+def _dynamic_vector_type(types: KernelTypes) -> type:
+    """Dr.Jit's vector of a run-time number of ``types.Float`` arrays (nested scatters, ravel)."""
+    return getattr(types.module, "ArrayXf64" if types.is_double else "ArrayXf")
+
+
+def row_major(columns: list):
+    """k arrays of N lanes -> one flat array in row-major (N, k) order (one kernel)."""
+    return dr.ravel(_dynamic_vector_type(types_of(columns[0]))(columns))
+
+
 def _tangents(x, n_columns: int) -> list:
     return x.tangents if isinstance(x, dm.Dual) else [None] * n_columns
 
 
 def _evaluate_layer(hits: LayerHits, record, state, path_total, alive, cov) -> None:
-    """Evaluate this layer's outputs and the carried state (one kernel per layer)."""
-    arrays = [hits.free[-1], hits.local[-1], hits.path[-1], hits.valid[-1], state.columns(), path_total, alive]
+    """Evaluate the carried state, with this layer's outputs (scattered into their rows) and
+    derivatives: one kernel per layer, which also contains the layer's stepping loop."""
+    arrays = [state.columns(), path_total, alive]
     if cov is not None:
         arrays += [cov, hits.covariance[-1], hits.local_covariance[-1]]
     if record is not None:
-        arrays += [[t for row in record.outputs[-1] + record.after[-1] for t in row if _is_array(t)]]
+        arrays += [record.hit[-1], [t for row in record.outputs[-1] + record.after[-1] for t in row if _is_array(t)]]
     dr.eval(arrays)
 
 
@@ -645,7 +706,8 @@ def layers_vjp(record: JacobianRecord, grad_free: list, grad_local: list, grad_p
     adjoint = [dr.zeros(type(zero), dr.width(zero)) for _ in range(8)]  # d loss / d (state after the layer)
     adjoint_path = dr.zeros(type(zero), dr.width(zero))                   # d loss / d (segment path length)
     grad_field = [dr.zeros(type(zero), dr.width(zero)) for _ in range(n_field)]
-    dr.make_opaque(adjoint, adjoint_path, grad_field)  # every layer's sweep then compiles to the same kernel
+    if not dr.flag(dr.JitFlag.FreezingScope):  # see propagate_layers
+        dr.make_opaque(adjoint, adjoint_path, grad_field)  # every layer's sweep then compiles to the same kernel
     n_layers = len(record.hit)
     grad_positions, grad_thickness = [zero] * n_layers, [zero] * n_layers
     for k in reversed(range(n_layers)):

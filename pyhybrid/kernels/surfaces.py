@@ -15,7 +15,9 @@ Methods used inside the stepping loop take plain arrays; :meth:`snap_distance`,
 helpers, so they also accept Duals (for the transport Jacobian).
 
 Level function S(r): negative on the side the track starts for an outward
-barrel (inside a cylinder; below a plane), zero on the surface.
+barrel (inside a cylinder; below a plane), zero on the surface; the stepping
+loop uses only its sign and the sign of its rate dS/ds (for a cylinder
+S = rho^2 - a^2, no square root per step).
 """
 from __future__ import annotations
 
@@ -48,11 +50,12 @@ class Cylinder:
         _finite_positive("half_length", self.half_length)
 
     def level(self, r, a):
-        return dr.sqrt(r[0] * r[0] + r[1] * r[1]) - a
+        """rho^2 - a^2: the sign of rho - a (a > 0) without a square root (evaluated every step)."""
+        return r[0] * r[0] + r[1] * r[1] - a * a
 
     def level_rate(self, r, t):
-        rho = dr.maximum(dr.sqrt(r[0] * r[0] + r[1] * r[1]), 1e-12)
-        return (r[0] * t[0] + r[1] * t[1]) / rho
+        """d level / ds along the direction t."""
+        return 2.0 * (r[0] * t[0] + r[1] * t[1])
 
     def _roots(self, r, t, a):
         """Both straight-line roots (far, near) and whether they exist; works on Duals."""

@@ -1,0 +1,189 @@
+"""Frozen kernels (dr.freeze) in the Propagator: replayed calls give exactly the results of traced ones.
+
+Every comparison is against a Propagator with ``freeze_kernels=False`` (the kernels traced on every
+call), bit for bit: on the CPU both run the same compiled kernels.
+"""
+import copy
+
+import drjit as dr
+import pytest
+import torch
+
+from pyhybrid.nn import propagator as prop_module
+from pyhybrid.nn.propagator import (AdaptiveRKN, DiskLayer, GridField, PlaneLayer, Propagator, RK4, SolenoidField,
+                                    UniformField, barrel, free_parameters, _PROPAGATE)
+
+LAYERS = barrel([40.0, 100.0, 250.0], half_length=[300.0, 500.0, 800.0], thickness=0.3) + \
+    [DiskLayer(z=900.0, r_min=30.0, r_max=700.0, thickness=0.3)]
+FIELDS = ("free", "local", "path_length", "valid", "covariance", "local_covariance")
+
+
+def _params(n, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    momentum = torch.randn(n, 3, generator=generator, dtype=dtype) * torch.tensor([2.0, 2.0, 1.5], dtype=dtype)
+    charge = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).to(dtype)
+    return free_parameters(0.05 * torch.randn(n, 3, generator=generator, dtype=dtype), momentum, charge)
+
+
+def _pair(field, layers=LAYERS, **options):
+    """The same propagator frozen and traced (deep copies: parameters are not shared)."""
+    frozen = Propagator(field, layers, **options)
+    return frozen, Propagator(copy.deepcopy(field), layers, freeze_kernels=False, **options)
+
+
+def _assert_identical(a, b):
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert torch.equal(x, y), f"{name}: max difference {(x.double() - y.double()).abs().max().item()}"
+
+
+def _grid():
+    coords = torch.stack(torch.meshgrid(torch.linspace(-900, 900, 10), torch.linspace(-900, 900, 10),
+                                        torch.linspace(-1000, 1000, 6), indexing="ij"), -1).double()
+    b = torch.stack([1e-4 * coords[..., 1], -1e-4 * coords[..., 0], 2.0 + 1e-4 * coords[..., 2]], -1)
+    return GridField(b, origin=(-900.0, -900.0, -1000.0), spacing=(200.0, 200.0, 400.0))
+
+
+GRADIENT_LAYERS = LAYERS[1:2] + LAYERS[3:]   # a cylinder and the disk: small Jacobian kernels to compile
+
+
+def _recordings(prop: Propagator):
+    """Recordings of the forward kernels of the most recently used configuration."""
+    return next(reversed(prop_module._FROZEN.values())).forward.n_recordings
+
+
+# Few distinct configurations and small geometries: each configuration compiles its own kernels,
+# seconds each on a cold kernel cache; the covariance case shares those of test_propagation_jacobian.
+@pytest.mark.parametrize("setup, dtype", [("solenoid-rk4", torch.float32), ("solenoid-rk4", torch.float64),
+                                          ("uniform-adaptive-plane", torch.float64), ("covariance", torch.float64)],
+                         ids=["solenoid-rk4-float32", "solenoid-rk4-float64", "uniform-adaptive-plane-float64",
+                              "covariance-float64"])
+def test_frozen_equals_traced_for_changing_batch_sizes(setup, dtype):
+    n_layers = len(LAYERS)
+    if setup == "solenoid-rk4":
+        frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0), stepper=RK4(10.0))
+    elif setup == "uniform-adaptive-plane":
+        layers = barrel([50.0, 150.0], thickness=0.2) + [PlaneLayer(300.0, half_u=400.0, half_v=400.0)]
+        n_layers = len(layers)
+        frozen, traced = _pair(UniformField((0.1, 0.0, 1.5)), layers, stepper=AdaptiveRKN(tolerance=1e-5),
+                               energy_loss=False)
+    else:
+        layers = barrel([60.0, 200.0], half_length=800.0, material=None, thickness=0.0)
+        n_layers = len(layers)
+        frozen, traced = _pair(SolenoidField(2.0, 1200.0, 1500.0, requires_grad=True), layers, stepper=RK4(10.0))
+    recordings = []
+    for n in [200, 37, 1, n_layers, 130, 200]:  # 1 track and N = L are recorded anew (dr.freeze's rules)
+        params = _params(n, dtype, seed=n)
+        cov = None
+        if setup == "covariance":
+            cov = torch.diag_embed(torch.linspace(1e-4, 1e-2, 8, dtype=dtype).expand(n, 8))
+        with torch.no_grad():
+            _assert_identical(frozen(params, cov), traced(params, cov))
+        recordings.append(_recordings(frozen))
+    # a new batch size and a repeated one are replayed, not recorded again
+    assert recordings[4] == recordings[5] == recordings[3]
+
+
+def test_results_of_earlier_calls_are_not_overwritten_by_later_calls():
+    frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0), stepper=RK4(10.0))
+    p1, p2 = _params(64, seed=1), _params(64, seed=2)
+    with torch.no_grad():
+        first = frozen(p1)
+        second = frozen(p2)
+        frozen(p1 * 1.01)
+        _assert_identical(first, traced(p1))
+        _assert_identical(second, traced(p2))
+        assert not torch.equal(first.local, second.local)
+
+
+def test_frozen_gradients_equal_traced_gradients():
+    dtype = torch.float64
+    frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0, requires_grad=True), GRADIENT_LAYERS,
+                           stepper=RK4(10.0), trainable_positions=True, trainable_thickness=True)
+    for n in (20, 50, 20):
+        grads = []
+        for prop in (frozen, traced):
+            params = [_params(n, dtype, seed=n).requires_grad_() for _ in range(2)]
+            params[1] = (params[1] * 1.02).detach().requires_grad_()
+            prop.zero_grad()
+            # two forward calls before one backward: the first call's Jacobian record must survive the second
+            outs = [prop(p) for p in params]
+            loss = sum((o.local.square().sum() + o.path_length.sum() + o.free[..., 7].sum()) for o in outs)
+            loss.backward()
+            grads.append([params[0].grad, params[1].grad, prop.positions.grad, prop.thickness.grad,
+                          prop.field.b0.grad, prop.field.radius.grad])
+        for g_frozen, g_traced in zip(*grads):
+            assert torch.equal(g_frozen, g_traced)
+        assert grads[0][2].abs().min() > 0 and grads[0][4].abs() > 0
+
+
+def test_gradcheck_through_the_frozen_kernels():
+    prop = Propagator(SolenoidField(2.0, 1200.0, 3000.0), GRADIENT_LAYERS, stepper=RK4(10.0))
+    params = _params(3, seed=5).requires_grad_()
+    inputs = (params, torch.tensor([2.0, 1200.0, 3000.0], dtype=torch.float64, requires_grad=True),
+              prop.positions.detach().clone().requires_grad_(), prop.thickness.detach().clone().requires_grad_())
+
+    def run(params, field_params, positions, thickness):
+        return _PROPAGATE(params, field_params, positions, thickness, layers=prop.kernel_layers,
+                          options=prop.options, field=prop.field.kernel_field("cpu", torch.float64), jacobian=True,
+                          seed=0, with_covariance=False, field_gradient=True, freeze=True)[:3]
+
+    assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-4, rtol=1e-3, fast_mode=True)
+
+
+def test_changed_parameters_and_layers_are_seen_no_stale_recording():
+    """Field parameters, layer positions, thicknesses and grid values are inputs of the recorded
+    kernels; layers, options and gradient flags are part of their key."""
+    frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0), GRADIENT_LAYERS, stepper=RK4(10.0))
+    params = _params(40, seed=3)
+    with torch.no_grad():
+        before = frozen(params)
+        for prop in (frozen, traced):
+            prop.field.b0.fill_(3.0)
+            prop.positions[0] = 120.0
+            prop.thickness[0] = 0.6
+        after = frozen(params)
+        _assert_identical(after, traced(params))
+        assert (after.local[:, 0] - before.local[:, 0]).abs().max() > 1.0
+    # a gradient flag switches the Jacobian columns on: the same results, now with field gradients
+    for prop in (frozen, traced):
+        prop.field.b0.requires_grad_(True)
+    grads = [torch.autograd.grad(p(params).local.sum(), p.field.b0)[0] for p in (frozen, traced)]
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs() > 0
+    # other layer bounds: another configuration, never the old recording
+    moved = [DiskLayer(z=900.0, r_min=30.0, r_max=300.0, thickness=0.3) if isinstance(layer, DiskLayer) else layer
+             for layer in GRADIENT_LAYERS]
+    frozen_moved, traced_moved = _pair(SolenoidField(2.0, 1200.0, 3000.0), moved, stepper=RK4(10.0))
+    with torch.no_grad():
+        _assert_identical(frozen_moved(params), traced_moved(params))
+        assert not torch.equal(frozen_moved(params).valid[:, 1], frozen(params).valid[:, 1])
+    # a field map (its values are inputs too), for two batch sizes, then changed in place
+    frozen_grid, traced_grid = _pair(_grid(), LAYERS[2:3], stepper=RK4(10.0))
+    with torch.no_grad():
+        first = frozen_grid(params)
+        _assert_identical(first, traced_grid(params))
+        _assert_identical(frozen_grid(params[:17]), traced_grid(params[:17]))
+        for prop in (frozen_grid, traced_grid):
+            prop.field.values[:, 2] *= 1.5
+        _assert_identical(frozen_grid(params), traced_grid(params))
+        assert first.valid.any() and not torch.equal(frozen_grid(params).local, first.local)
+
+
+def test_sampled_scattering_is_not_frozen_and_follows_the_seed():
+    prop = Propagator(SolenoidField(2.0, 1200.0, 3000.0), LAYERS, stepper=RK4(10.0), scattering="sample")
+    params = _params(30, seed=4)
+    with torch.no_grad():
+        a, b, c = prop(params, seed=1), prop(params, seed=2), prop(params, seed=1)
+    assert torch.equal(a.local, c.local) and not torch.equal(a.local, b.local)
+
+
+def test_freezing_disabled_globally_still_gives_the_same_results():
+    frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0), stepper=RK4(10.0))
+    params = _params(25, seed=6)
+    with torch.no_grad():
+        expected = traced(params)
+        with dr.scoped_set_flag(dr.JitFlag.KernelFreezing, False):
+            _assert_identical(frozen(params), expected)
+        _assert_identical(frozen(params), expected)

@@ -66,7 +66,8 @@ run_phase() {
     propagate-forward)
         bench "$1" 60 --precision float32 --precision float64 --case propagate-rk4-forward ;;
     propagate-gradient)
-        bench "$1" 90 --precision float32 --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all ;;
+        bench "$1" 120 --precision float32 --case propagate-rk4-gradient-tracks --case propagate-rk4-gradient-all \
+            --case propagate-rk4-gradient-tracks-acts --case propagate-rk4-gradient-all-acts ;;
     shower)
         bench "$1" 60 --precision float32 --case shower-observables --case shower-gradient-score-function \
             --case shower-gradient-stochastic-ad ;;

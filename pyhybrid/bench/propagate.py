@@ -12,7 +12,8 @@ same steps; tests/test_propagation_module.py checks the constant).
 
 Cases: forward; forward + gradient with respect to the track parameters (hybrid
 training); forward + gradient with respect to track parameters, field parameters,
-layer radii and thicknesses (detector optimisation).
+layer radii and thicknesses (detector optimisation). The gradient cases run with the
+exact transport Jacobian and (suffix ``-acts``) with ACTS' one that neglects dB/dr.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _setup(gradient: str | None, n_tracks: int, cuda_tracks: int):
+def _setup(gradient: str | None, n_tracks: int, cuda_tracks: int, jacobian: str = "exact"):
     def setup(device: str, precision: str):
         import torch
 
@@ -75,7 +76,8 @@ def _setup(gradient: str | None, n_tracks: int, cuda_tracks: int):
         everything = gradient == "all"
         prop = Propagator(SolenoidField(*SOLENOID, requires_grad=everything),
                           barrel(RADII, half_length=HALF_LENGTH, thickness=THICKNESS), stepper=RK4(STEP),
-                          trainable_positions=everything, trainable_thickness=everything).to(device)
+                          trainable_positions=everything, trainable_thickness=everything,
+                          jacobian=jacobian).to(device)
 
         def drjit_call():
             if gradient is None:
@@ -117,8 +119,8 @@ def _work(n_tracks: int) -> int:
 CASES = [
     BenchCase("propagate-rk4-forward", "track-steps", _work(WORKLOAD_TRACKS),
               _setup(None, WORKLOAD_TRACKS, CUDA_WORKLOAD_TRACKS), cuda_work=_work(CUDA_WORKLOAD_TRACKS)),
-    *[BenchCase(f"propagate-rk4-gradient-{gradient}", "track-steps", _work(GRADIENT_TRACKS),
-                _setup(gradient, GRADIENT_TRACKS, CUDA_GRADIENT_TRACKS), grad=True,
+    *[BenchCase(f"propagate-rk4-gradient-{gradient}{'' if jacobian == 'exact' else '-' + jacobian}", "track-steps",
+                _work(GRADIENT_TRACKS), _setup(gradient, GRADIENT_TRACKS, CUDA_GRADIENT_TRACKS, jacobian), grad=True,
                 cuda_work=_work(CUDA_GRADIENT_TRACKS))
-      for gradient in ("tracks", "all")],
+      for jacobian in ("exact", "acts") for gradient in ("tracks", "all")],
 ]

@@ -3,8 +3,13 @@
 Units: positions in mm, fields in Tesla. Every field evaluates B at a batch of
 points (a 3-tuple of arrays, one lane per point) and, for the transport
 Jacobian, also the field gradient ``dB_i/dx_j`` and the derivatives of B with
-respect to its own parameters (the field's differentiable "global" parameters).
+respect to its own parameters (the field's differentiable "global" parameters):
+``evaluate_with_derivatives(r, gradient=True)`` returns ``(B, dB/dr, dB/dparameters)``;
+with ``gradient=False`` (the ACTS-style transport, which neglects dB/dr) the
+gradient is not computed and returned as structural zeros.
 Structural zeros are ``None`` so that the Jacobian code skips them.
+``proportional_to``: the name of the parameter theta with B = theta B^(r) (None if there is
+none); the transport then carries one column for q/p and theta (see ``propagation``).
 
 Fields
 ------
@@ -30,6 +35,7 @@ class UniformField:
     """B = (bx, by, bz) everywhere [T]."""
 
     names = ("bx", "by", "bz")
+    proportional_to = None
 
     def __init__(self, bx, by, bz):
         self.b = (bx, by, bz)
@@ -38,10 +44,9 @@ class UniformField:
         zero = 0.0 * r[0]
         return tuple(b + zero for b in self.b)
 
-    def evaluate_with_derivatives(self, r):
-        gradient = ((None,) * 3,) * 3
+    def evaluate_with_derivatives(self, r, gradient: bool = True):
         parameter_derivatives = ((1.0, None, None), (None, 1.0, None), (None, None, 1.0))
-        return self.evaluate(r), gradient, parameter_derivatives
+        return self.evaluate(r), ((None,) * 3,) * 3, parameter_derivatives
 
 
 class SolenoidField:
@@ -59,39 +64,40 @@ class SolenoidField:
     """
 
     names = ("b0", "radius", "half_length")
+    proportional_to = "b0"
 
     def __init__(self, b0, radius, half_length):
         self.b0 = b0
         self.radius = radius
         self.half_length = half_length
-        # Constants of :meth:`evaluate` (computed once, outside the stepping loops).
+        # Constants of :meth:`evaluate` and :meth:`evaluate_with_derivatives` (computed once, outside
+        # the stepping loops): b^(n) = b0 N f^(n) with N = 1 / (u(L) - u(-L)) = sqrt(L^2 + R^2) / (2 L).
         self._radius2 = radius * radius
-        scale = b0 * self._axis_normalisation()
+        root = dr.sqrt(half_length * half_length + self._radius2)
+        self._norm = root / (2.0 * half_length)
+        scale = b0 * self._norm
         self._b_scale, self._b1_scale, self._b2_scale = scale, -0.5 * scale, 0.75 * scale
+        self._scale_d_radius = b0 * radius / (2.0 * half_length * root)                          # b0 dN/dR
+        self._scale_d_length = -b0 * self._radius2 / (2.0 * half_length * half_length * root)    # b0 dN/dL
 
-    def _u(self, zeta, order: int):
-        """[u^(n)(zeta) for n = 0..order] (zeta-derivatives of zeta / sqrt(zeta^2 + R^2)) and 1 / sqrt(zeta^2 + R^2)."""
-        r2 = self.radius * self.radius
-        inv = 1.0 / dr.sqrt(zeta * zeta + r2)
+    def _u(self, zeta):
+        """u and its first three zeta-derivatives at zeta, u(zeta) = zeta / sqrt(zeta^2 + R^2)."""
+        inv = 1.0 / dr.sqrt(dr.fma(zeta, zeta, self._radius2))
         inv2 = inv * inv
-        inv3 = inv * inv2
-        u = [zeta * inv, r2 * inv3, -3.0 * r2 * zeta * inv3 * inv2]
-        if order >= 3:
-            u.append(3.0 * r2 * (4.0 * zeta * zeta - r2) * inv3 * inv2 * inv2)
-        return u, inv
+        u1 = (self._radius2 * inv) * inv2
+        u2 = (-3.0 * zeta) * u1 * inv2
+        u3 = 3.0 * dr.fma(4.0 * zeta, zeta, -self._radius2) * (u1 * inv2) * inv2
+        return zeta * inv, u1, u2, u3
 
-    def _axis_normalisation(self):
-        """1 / (u(L) - u(-L)) = sqrt(L^2 + R^2) / (2 L)."""
-        return dr.sqrt(self.half_length * self.half_length + self.radius * self.radius) / (2.0 * self.half_length)
-
-    def _assemble(self, r, b, b1, b2):
+    @staticmethod
+    def _assemble(r, b, b1, b2):
         x, y, _ = r
         rho2 = x * x + y * y
         return (-0.5 * x * b1, -0.5 * y * b1, b - 0.25 * rho2 * b2)
 
     def evaluate(self, r):
         """B at r: the hot path of the stepping loop (four calls per RK4 step), so written with
-        the fewest operations: u, u' and u''/(-3) at both coil ends, constants folded in."""
+        the fewest operations: u, u' and -u''/3 at both coil ends, constants folded in."""
         x, y, z = r
         u_plus = self._u_fast(z + self.half_length)
         u_minus = self._u_fast(z - self.half_length)
@@ -107,48 +113,38 @@ class SolenoidField:
         u1 = (self._radius2 * inv) * inv2
         return zeta * inv, u1, (zeta * u1) * inv2
 
-    def evaluate_with_derivatives(self, r):
+    def evaluate_with_derivatives(self, r, gradient: bool = True):
+        """B, dB/dr (structural zeros unless ``gradient``) and dB/d(b0, R, L) at r.
+
+        With f^(n) = u^(n)(z + L) - u^(n)(z - L): d f^(n)/dL = u^(n+1)(z + L) + u^(n+1)(z - L); and
+        since u^(n) is homogeneous of degree -n in (zeta, R), d u^(n)/dR = -(n u^(n) + zeta u^(n+1)) / R,
+        so d f^(n)/dR = -(n f^(n) + (z + L) u^(n+1)(z + L) - (z - L) u^(n+1)(z - L)) / R.
+        """
         x, y, z = r
-        radius, length = self.radius, self.half_length
-        zp, zm = z + length, z - length
-        plus, inv_p = self._u(zp, 3)
-        minus, inv_m = self._u(zm, 3)
-        norm = self._axis_normalisation()
-        f = [p - m for p, m in zip(plus, minus)]                       # f, f', f'', f'''
-        unit = [norm * fi for fi in f]                                # b^(n) / b0
-        b = [self.b0 * ui for ui in unit]
+        zp, zm = z + self.half_length, z - self.half_length
+        plus, minus = self._u(zp), self._u(zm)
+        f = [p - m for p, m in zip(plus, minus)]                                   # f and its derivatives 1-3
+        b = [self._b_scale * fn for fn in f]
         field = self._assemble(r, b[0], b[1], b[2])
 
-        rho2 = x * x + y * y
-        half_b1 = -0.5 * b[1]
-        gradient = ((half_b1, None, -0.5 * x * b[2]),
-                    (None, half_b1, -0.5 * y * b[2]),
-                    (-0.5 * x * b[2], -0.5 * y * b[2], b[1] - 0.25 * rho2 * b[3]))
+        spatial_gradient = ((None,) * 3,) * 3
+        if gradient:
+            rho2 = x * x + y * y
+            half_b1 = -0.5 * b[1]
+            spatial_gradient = ((half_b1, None, -0.5 * x * b[2]),
+                                (None, half_b1, -0.5 * y * b[2]),
+                                (-0.5 * x * b[2], -0.5 * y * b[2], b[1] - 0.25 * rho2 * b[3]))
 
-        # d f^(n) / dL = u^(n+1)(z+L) + u^(n+1)(z-L); d/dL of 1/norm = 2 R^2 / (L^2 + R^2)^(3/2)
-        d_len2 = length * length + radius * radius
-        inv_norm_dlen = 2.0 * radius * radius / (dr.sqrt(d_len2) * d_len2)      # d(1/norm)/dL
-        inv_norm_drad = -2.0 * length * radius / (dr.sqrt(d_len2) * d_len2)    # d(1/norm)/dR
+        inverse_radius = 1.0 / self.radius
         df_dlen = [plus[n + 1] + minus[n + 1] for n in range(3)]
-        df_drad = [self._du_dradius(zp, inv_p, n) - self._du_dradius(zm, inv_m, n) for n in range(3)]
-        # b^(n) = b0 f^(n) norm  ->  d b^(n) = b0 norm (d f^(n) - f^(n) norm d(1/norm))
-        db_dlen = [self.b0 * norm * (df_dlen[n] - f[n] * norm * inv_norm_dlen) for n in range(3)]
-        db_drad = [self.b0 * norm * (df_drad[n] - f[n] * norm * inv_norm_drad) for n in range(3)]
-        parameter_derivatives = (self._assemble(r, *unit[:3]),
+        df_drad = [-(n * f[n] + (zp * plus[n + 1] - zm * minus[n + 1])) * inverse_radius for n in range(3)]
+        # d b^(n) = b0 (N d f^(n) + f^(n) dN)
+        db_drad = [dr.fma(self._b_scale, df_drad[n], self._scale_d_radius * f[n]) for n in range(3)]
+        db_dlen = [dr.fma(self._b_scale, df_dlen[n], self._scale_d_length * f[n]) for n in range(3)]
+        parameter_derivatives = (self._assemble(r, *(self._norm * fn for fn in f[:3])),
                                  self._assemble(r, *db_drad),
                                  self._assemble(r, *db_dlen))
-        return field, gradient, parameter_derivatives
-
-    def _du_dradius(self, zeta, inv, order: int):
-        """d u^(order) / dR at fixed zeta (order 0, 1, 2); inv = 1 / sqrt(zeta^2 + R^2)."""
-        radius = self.radius
-        inv2 = inv * inv
-        inv3 = inv * inv2
-        if order == 0:
-            return -zeta * radius * inv3
-        if order == 1:
-            return radius * (2.0 * zeta * zeta - radius * radius) * inv3 * inv2
-        return 3.0 * radius * zeta * (3.0 * radius * radius - 2.0 * zeta * zeta) * inv3 * inv2 * inv2
+        return field, spatial_gradient, parameter_derivatives
 
 
 class GridField:
@@ -161,6 +157,7 @@ class GridField:
     """
 
     names = ("scale",)
+    proportional_to = "scale"
 
     def __init__(self, values: Sequence, shape: Sequence[int], origin: Sequence[float],
                  spacing: Sequence[float], scale=1.0):
@@ -224,11 +221,14 @@ class GridField:
         field, _ = self._interpolate(r, derivatives=False)
         return tuple(self.scale * b for b in field)
 
-    def evaluate_with_derivatives(self, r):
-        unscaled, gradient = self._interpolate(r, derivatives=True)
+    def evaluate_with_derivatives(self, r, gradient: bool = True):
+        unscaled, grid_gradient = self._interpolate(r, derivatives=gradient)
         field = tuple(self.scale * b for b in unscaled)
-        gradient = tuple(tuple(self.scale * g for g in row) for row in gradient)
-        return field, gradient, (unscaled,)
+        if gradient:
+            grid_gradient = tuple(tuple(self.scale * g for g in row) for row in grid_gradient)
+        else:
+            grid_gradient = ((None,) * 3,) * 3
+        return field, grid_gradient, (unscaled,)
 
 
 #: Field kinds by name with their parameter names (the differentiable global parameters).

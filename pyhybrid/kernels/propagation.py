@@ -27,7 +27,8 @@ most once, on its first crossing after the previous hit.
 Jacobians (forward mode, as ACTS): within a segment between two surfaces the
 derivatives of (r, T) with respect to the segment's start (x, y, z, T, q/p)
 and the field parameters are carried through every Runge-Kutta stage (including
-dB/dr). At the surface they are combined, with :mod:`dual` numbers, with the
+dB/dr with ``transport_jacobian="exact"``; neglecting it, as ACTS' EigenStepper
+does, with ``"acts"``). At the surface they are combined, with :mod:`dual` numbers, with the
 surface intersection (the path-length correction of ACTS' free-to-bound
 projection), the derivative with respect to the surface position parameter,
 the time, local coordinates and the material interaction (including the
@@ -53,12 +54,14 @@ from pyhybrid.kernels.surfaces import Cylinder, Disk, Plane
 from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
 
 __all__ = ["Particle", "MUON", "PION", "KAON", "PROTON", "PARTICLES", "FreeParameters", "Layer",
-           "PropagationOptions", "SCATTERING_MODES", "LayerHits", "JacobianRecord", "PathResult", "propagate_path",
-           "propagate_layers", "layers_vjp", "row_major", "random_tracks", "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
+           "PropagationOptions", "SCATTERING_MODES", "TRANSPORT_JACOBIANS", "LayerHits", "JacobianRecord",
+           "PathResult", "propagate_path", "propagate_layers", "layers_vjp", "row_major", "random_tracks",
+           "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
 
 RUNNING, REACHED, MISSED = 0, 1, 2
 FREE_NAMES = ("x", "y", "z", "t", "tx", "ty", "tz", "qop")
 SCATTERING_MODES = ("none", "covariance", "sample")
+TRANSPORT_JACOBIANS = ("exact", "acts")
 _TIME, _QOP = 3, 7
 
 
@@ -121,6 +124,10 @@ class PropagationOptions:
     multiple scattering enters the covariance only); "sample" (the direction is
     deflected by Gaussian angles, reparametrised so that derivatives flow through
     theta0; the covariance then excludes it). Lengths in mm.
+    transport_jacobian: "exact" (the derivative of the discrete steps, including the
+    field gradient dB/dr in every Runge-Kutta stage) or "acts" (dB/dr neglected in the
+    stages, as ACTS' EigenStepper: cheaper, exact in a uniform field; the dependence
+    on the field parameters is kept; see docs/propagation.md for its accuracy).
     """
 
     stepper: RK4 | AdaptiveRKN = RK4()
@@ -132,10 +139,14 @@ class PropagationOptions:
     max_path: float = 1e5
     world_radius: float = math.inf
     world_half_length: float = math.inf
+    transport_jacobian: str = "exact"
 
     def __post_init__(self):
         if self.scattering not in SCATTERING_MODES:
             raise ValueError(f"scattering must be one of {SCATTERING_MODES}, got {self.scattering!r}")
+        if self.transport_jacobian not in TRANSPORT_JACOBIANS:
+            raise ValueError(f"transport_jacobian must be one of {TRANSPORT_JACOBIANS}, "
+                             f"got {self.transport_jacobian!r}")
         for name in ("surface_tolerance", "max_path", "world_radius", "world_half_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -238,7 +249,7 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     n = dr.width(r[0])
     zero = dr.zeros(types.Float, n)
     side = dr.select(target.level(r, zero) > 0, 1.0, -1.0)
-    metadata = [(c.d_lambda, c.field_parameter) for c in columns or []]
+    metadata = [(c.d_lambda, c.field_parameter, c.per_lambda) for c in columns or []]
     loop = _Loop(r=tuple(types.Float(v) + zero for v in r), t=tuple(types.Float(v) + zero for v in t), s=zero,
                  iterations=dr.zeros(types.UInt32, n), status=dr.full(types.UInt32, RUNNING, n),
                  crossed=dr.zeros(types.Bool, n), approached=dr.zeros(types.Bool, n), distance=zero,
@@ -260,10 +271,11 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
             # A step of size 0 is exactly the identity (values and tangents): finished lanes need no
             # select, so the old state need not stay alive across the step (fewer live registers).
             h = dr.select(running, h, 0.0)
-        tangents = [TangentColumn(d_r, d_t, dl, fp) for (d_r, d_t), (dl, fp) in zip(loop.columns, metadata)]
+        tangents = [TangentColumn(d_r, d_t, *meta) for (d_r, d_t), meta in zip(loop.columns, metadata)]
         r_new, t_new, error, new_columns = nystrom_step(field, stepper.tableau, loop.r, loop.t, lam, h,
                                                         tangents if columns else None,
-                                                        error_estimate=stepper.adaptive)
+                                                        error_estimate=stepper.adaptive,
+                                                        spatial_gradient=_exact(options))
         if stepper.adaptive:
             accept = (error <= stepper.tolerance) | (dr.abs(h) <= stepper.min_step)
             h_next = stepper.next_step(dr.abs(h), error)
@@ -290,6 +302,11 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     return loop
 
 
+def _exact(options: PropagationOptions) -> bool:
+    """Whether the transport includes dB/dr (else the position-only columns are not carried)."""
+    return options.transport_jacobian == "exact"
+
+
 def _dense(vector, zero):
     return tuple(zero + (0.0 if v is None else v) for v in vector)
 
@@ -299,33 +316,47 @@ def _dense(vector, zero):
 
 @dataclass
 class _SegmentStart:
-    """Start of a segment: unit direction t0, two unit vectors e1, e2 perpendicular to it, k0 = dT/ds."""
+    """Start of a segment: unit direction t0, two unit vectors e1, e2 perpendicular to it, k0 = dT/ds,
+    and which tangent columns the segment carries (see :meth:`columns`)."""
 
     t0: tuple
     e1: tuple
     e2: tuple
     k0: tuple
+    n_field: int
+    field_gradient: bool      # carry the field-parameter columns
+    position_columns: bool    # carry the position columns (False: the transport neglects dB/dr)
+    proportional: int | None  # index of the field parameter theta with B = theta B^ (one column for it and q/p)
 
     @classmethod
-    def of(cls, field, r, t, lam):
+    def of(cls, field, r, t, lam, options: PropagationOptions, field_gradient: bool):
         e1, e2 = dm.perpendicular_basis(t)
         b = field.evaluate(r)
-        return cls(tuple(t), e1, e2, tuple(lam * c for c in dm.cross(t, b)))
+        proportional_to = getattr(field, "proportional_to", None)
+        proportional = field.names.index(proportional_to) if proportional_to and field_gradient else None
+        return cls(tuple(t), e1, e2, tuple(lam * c for c in dm.cross(t, b)), len(field.names), field_gradient,
+                   _exact(options), proportional)
 
-    def columns(self, n_field: int, field_gradient: bool) -> list[TangentColumn]:
+    def columns(self) -> list[TangentColumn]:
         """Tangent columns carried through the stepping loop.
 
-        Position along e1, e2; direction along e1, e2; q/p; the field parameters
-        (if ``field_gradient``). Only two direction columns are needed: directions
-        stay unit vectors, so their variations are perpendicular to them. The
-        position column along t0 follows from the flow property (see :func:`_segment_duals`).
+        Position along e1, e2 (only with dB/dr in the transport: without it they stay pure
+        translations); direction along e1, e2; q/p; the field parameters (if ``field_gradient``).
+        Only two direction columns are needed: directions stay unit vectors, so their variations
+        are perpendicular to them. The position column along t0 follows from the flow property
+        (see :func:`_segment_duals`). For a field proportional to one of its parameters theta
+        (the solenoid's b0, a map's scale) the q/p and theta columns are one column, d/d(lambda theta).
         """
         none = (None, None, None)
-        columns = [TangentColumn(self.e1, none), TangentColumn(self.e2, none),
-                   TangentColumn(none, self.e1), TangentColumn(none, self.e2),
-                   TangentColumn(none, none, d_lambda=B_CURVATURE)]
-        if field_gradient:
-            columns += [TangentColumn(none, none, field_parameter=g) for g in range(n_field)]
+        columns = [TangentColumn(self.e1, none), TangentColumn(self.e2, none)] if self.position_columns else []
+        columns += [TangentColumn(none, self.e1), TangentColumn(none, self.e2)]
+        if self.proportional is None:
+            columns.append(TangentColumn(none, none, d_lambda=B_CURVATURE))
+        else:
+            columns.append(TangentColumn(none, none, field_parameter=self.proportional, per_lambda=True))
+        if self.field_gradient:
+            columns += [TangentColumn(none, none, field_parameter=g) for g in range(self.n_field)
+                        if g != self.proportional]
         return columns
 
 
@@ -335,9 +366,27 @@ def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int
     Free columns from the carried ones: d/dT0 = e1 (x) D1 + e2 (x) D2 (variations perpendicular
     to t0); d/dr0 = e1 (x) P1 + e2 (x) P2 + t0 (x) A, where the column along t0 follows from
     the flow property  d/dr0 . t0 + d/dT0 . k0 = y'(s)  (starting a little further along the
-    track = arriving a little further), y'(s) = (T, lambda T x B) at the end.
+    track = arriving a little further), y'(s) = (T, lambda T x B) at the end. Without carried
+    position columns (the transport neglects dB/dr) P1 = (e1, 0), P2 = (e2, 0): translations.
+
+    For a field B = theta B^(r) (``start.proportional``) every Runge-Kutta stage k = lambda T x B
+    = (lambda theta) T x B^ depends on lambda and theta only through mu = lambda theta, so the
+    steps (at their fixed sizes) and their exact or ACTS tangents do too: with the carried column
+    C = d/dmu, d/d(q/p) = c theta C and d/dtheta = lambda C (no division: valid for theta = 0 or
+    q/p = 0 as well).
     """
-    p1, p2, d1, d2, q, *field_columns = loop.columns
+    carried = list(loop.columns)
+    if start.position_columns:
+        p1, p2 = carried.pop(0), carried.pop(0)
+    else:
+        p1, p2 = (start.e1, (0.0, 0.0, 0.0)), (start.e2, (0.0, 0.0, 0.0))
+    d1, d2 = carried.pop(0), carried.pop(0)
+    q, *field_columns = carried
+    if start.proportional is not None:
+        per_mu = q
+        theta = getattr(field, field.names[start.proportional])
+        q = _scaled_column(per_mu, B_CURVATURE * theta)
+        field_columns.insert(start.proportional, _scaled_column(per_mu, lam))
     k_end = tuple(lam * c for c in dm.cross(loop.t, field.evaluate(loop.r)))
     along_e1, along_e2 = dm.dot(start.k0, start.e1), dm.dot(start.k0, start.e2)
 
@@ -357,6 +406,10 @@ def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int
         return tuple(result)
 
     return duals(loop.r, 0, loop.t), duals(loop.t, 1, k_end)
+
+
+def _scaled_column(column, factor):
+    return tuple(tuple(factor * v for v in vector) for vector in column)
 
 
 def _inverse_speed(qop, particle: Particle):
@@ -414,8 +467,8 @@ def propagate_path(params: FreeParameters, field, path_length: float, options: P
     direction = dm.normalized(params.direction)
     qop = params.qop
     lam = B_CURVATURE * qop
-    start = _SegmentStart.of(field, params.position, direction, lam) if jacobian else None
-    columns = start.columns(n_field, field_gradient) if jacobian else None
+    start = _SegmentStart.of(field, params.position, direction, lam, options, field_gradient) if jacobian else None
+    columns = start.columns() if jacobian else None
     target = _PathTarget(path_length)
     loop = _step_to_target(field, target, params.position, direction, lam, options, columns)
     n_columns = 8 + n_field + 1
@@ -570,8 +623,9 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         thick = dr.gather(types.Float, thickness, index)
         target = _SurfaceTarget(layer.surface, a)
         lam = B_CURVATURE * state.qop
-        start = _SegmentStart.of(field, state.position, state.direction, lam) if derivatives else None
-        columns = start.columns(n_field, field_gradient) if derivatives else None
+        start = _SegmentStart.of(field, state.position, state.direction, lam, options,
+                                 field_gradient) if derivatives else None
+        columns = start.columns() if derivatives else None
         loop = _step_to_target(field, target, state.position, state.direction, lam, options, columns)
         if derivatives:
             r, t = _segment_duals(field, loop, start, lam, n_columns)

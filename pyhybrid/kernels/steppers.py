@@ -19,7 +19,11 @@ schemes for this second-order system, written as a tableau:
 :func:`nystrom_step` optionally carries tangent columns (forward-mode
 derivatives of r and T with respect to the start of the segment, q/p and the
 field parameters) through the same stages: the exact derivative of the discrete
-step, including the field gradient dB/dr.
+step, including the field gradient dB/dr; or, with ``spatial_gradient=False``, the
+ACTS EigenStepper's transport, which neglects dB/dr in the stages (the field is
+treated as locally uniform for the derivatives; its dependence on the field
+parameters is kept). Then a variation of the position alone stays a pure
+translation (d r = const, d T = 0), so those columns need not be carried at all.
 """
 from __future__ import annotations
 
@@ -109,12 +113,16 @@ class TangentColumn:
 
     ``d_lambda``: d lambda / d column (a constant, B_CURVATURE for the q/p column);
     ``field_parameter``: index of the field parameter this column differentiates, or None.
+    ``per_lambda``: the column is d / d(lambda theta_g) for a field proportional to theta_g
+    (B = theta_g B^): the state depends on lambda and theta_g only through their product, and
+    the stage term is T_s x dB/dtheta_g = T_s x B^ (without the factor lambda).
     """
 
     dr: tuple
     dt: tuple
     d_lambda: float | None = None
     field_parameter: int | None = None
+    per_lambda: bool = False
 
 
 # ---------------------------------------------------------------- None-aware small vector algebra
@@ -147,14 +155,19 @@ def _cross(a, b):
 
 
 def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence[TangentColumn] | None = None,
-                 error_estimate: bool = False):
+                 error_estimate: bool = False, spatial_gradient: bool = True):
     """One step of size ``h`` from (r, t) with lambda = c q/p.
 
     Returns ``(r_new, t_new, error, new_columns)``; ``error`` is the ACTS error
     estimate (only when ``error_estimate``), ``new_columns`` the propagated
-    tangent columns (only when ``columns`` is given).
+    tangent columns (only when ``columns`` is given). ``spatial_gradient``: include
+    dB/dr in the tangent stages (exact); False neglects it (ACTS), and the field
+    gradient is then not evaluated at all.
     """
     want_derivatives = columns is not None
+    # Field derivatives needed per stage: dB/dr (exact transport) and/or dB/dparameters (field columns).
+    field_derivatives = want_derivatives and (
+        spatial_gradient or any(c.field_parameter is not None for c in columns))
     ks, kappas, stages = [], [], []
     h2 = h * h
     for s in range(4):
@@ -169,10 +182,10 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
                 t_s = tuple(dr.fma(coefficient * h, kj, ti) for ti, kj in zip(t_s, ks[j]))
         if tableau.same_point[s]:
             b_s, grad_s, param_s = field_s
-        elif want_derivatives:
-            b_s, grad_s, param_s = field_s = field.evaluate_with_derivatives(r_s)
+        elif field_derivatives:
+            b_s, grad_s, param_s = field_s = field.evaluate_with_derivatives(r_s, gradient=spatial_gradient)
         else:
-            b_s, grad_s, param_s = field_s = field.evaluate(r_s), None, None
+            b_s, grad_s, param_s = field_s = field.evaluate(r_s), _NO_GRADIENT, None
         kappa = _cross(t_s, b_s)
         ks.append(tuple(lam * q for q in kappa))
         kappas.append(kappa)
@@ -191,6 +204,9 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
     return r_new, t_new, error, new_columns
 
 
+_NO_GRADIENT = ((None,) * 3,) * 3  # dB/dr as structural zeros
+
+
 @dataclass
 class _StageLinearisation:
     """d k_s = dT_s x (lambda B_s) + A_s dr_s + extra, with A_s = lambda [T_s]x dB/dr (shared by all columns)."""
@@ -198,7 +214,7 @@ class _StageLinearisation:
     lam_b: tuple
     a_columns: tuple         # A_s[:, j] as 3-tuples (None = zero column)
     kappa: tuple             # T_s x B_s (for the q/p column)
-    parameter_terms: list    # lambda T_s x dB/dtheta_g for the field-parameter columns
+    parameter_terms: dict    # (g, per_lambda) -> lambda T_s x dB/dtheta_g (T_s x dB/dtheta_g if per_lambda)
 
     @classmethod
     def of(cls, lam, t_s, b_s, grad_s, param_s, kappa, columns):
@@ -208,9 +224,13 @@ class _StageLinearisation:
             column = _cross(t_s, (grad_s[0][j], grad_s[1][j], grad_s[2][j]))
             a_columns.append(None if all(c is None for c in column)
                              else tuple(None if c is None else lam * c for c in column))
-        used = {c.field_parameter for c in columns if c.field_parameter is not None}
-        parameter_terms = [tuple(None if v is None else lam * v for v in _cross(t_s, param_s[g])) if g in used else None
-                           for g in range(len(param_s))]
+        parameter_terms = {}
+        for c in columns:
+            if c.field_parameter is not None:
+                term = _cross(t_s, param_s[c.field_parameter])
+                if not c.per_lambda:
+                    term = tuple(None if v is None else lam * v for v in term)
+                parameter_terms[c.field_parameter, c.per_lambda] = term
         return cls(lam_b, tuple(a_columns), kappa, parameter_terms)
 
 
@@ -219,22 +239,24 @@ def _step_column(col: TangentColumn, tableau, h, stages):
     h2 = h * h
     dks = []
     for s, stage in enumerate(stages):
-        dr_s, dt_s = col.dr, col.dt
-        if tableau.c[s]:
-            dr_s = _axpy(tableau.c[s] * h, col.dt, dr_s)
-        for j, coefficient in enumerate(tableau.a[s]):
-            if coefficient:
-                dr_s = _axpy(coefficient * h2, dks[j], dr_s)
+        dt_s = col.dt
         for j, coefficient in enumerate(tableau.b[s]):
             if coefficient:
                 dt_s = _axpy(coefficient * h, dks[j], dt_s)
         dk = _cross(dt_s, stage.lam_b)
-        for j in range(3):
-            dk = _axpy(dr_s[j], stage.a_columns[j], dk)
+        if any(a is not None for a in stage.a_columns):  # dB/dr term (not in the ACTS transport)
+            dr_s = col.dr
+            if tableau.c[s]:
+                dr_s = _axpy(tableau.c[s] * h, col.dt, dr_s)
+            for j, coefficient in enumerate(tableau.a[s]):
+                if coefficient:
+                    dr_s = _axpy(coefficient * h2, dks[j], dr_s)
+            for j in range(3):
+                dk = _axpy(dr_s[j], stage.a_columns[j], dk)
         if col.d_lambda is not None:
             dk = _axpy(col.d_lambda, stage.kappa, dk)
         if col.field_parameter is not None:
-            dk = _add3(dk, stage.parameter_terms[col.field_parameter])
+            dk = _add3(dk, stage.parameter_terms[col.field_parameter, col.per_lambda])
         dks.append(dk)
     dr_new = _axpy(h, col.dt, col.dr)
     for s in range(3):
@@ -242,7 +264,7 @@ def _step_column(col: TangentColumn, tableau, h, stages):
     dt_new = col.dt
     for s in range(4):
         dt_new = _axpy(h * _WEIGHTS_T[s], dks[s], dt_new)
-    return TangentColumn(dr_new, dt_new, col.d_lambda, col.field_parameter)
+    return TangentColumn(dr_new, dt_new, col.d_lambda, col.field_parameter, col.per_lambda)
 
 
 def _add3(a, b):

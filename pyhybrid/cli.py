@@ -102,7 +102,7 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
     registered = harness.load_cases()
     if list_only:
         for name, case in registered.items():
-            click.echo(f"{name}  ({case.unit}, work={case.work}{', with gradient' if case.grad else ''})")
+            click.echo(f"{name}  ({case.unit}, work={case.work_on('cpu')}{', with gradient' if case.grad else ''})")
         return
     unknown = [c for c in cases if c not in registered]
     if unknown:

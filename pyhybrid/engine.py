@@ -254,9 +254,8 @@ def _grad_output(g: torch.Tensor, types: KernelTypes):
     g = g.detach()
     if g.dim() == 0 or any(stride != 0 for stride in g.stride()):
         return _split(types.Float(g.reshape(-1).contiguous()), tuple(g.shape))
-    value = types.Float(g.reshape(-1)[:1].clone())
-    columns = [value + dr.zeros(types.Float, g.shape[0]) for _ in range(1 if g.dim() == 1 else g.shape[1])]
-    return columns[0] if g.dim() == 1 else tuple(columns)
+    column = types.Float(g.reshape(-1)[:1].clone()) + dr.zeros(types.Float, g.shape[0])
+    return column if g.dim() == 1 else (column,) * g.shape[1]
 
 
 def _grad_tensor(g, like: torch.Tensor, owners: _Owners) -> torch.Tensor:

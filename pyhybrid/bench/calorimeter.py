@@ -27,8 +27,8 @@ def _reference():
     return load_reference("torch_calorimeter")
 
 
-def _setup(grad: bool, cpu_showers: int, cuda_showers: int):
-    def setup(device: str, precision: str):
+def _setup(grad: bool):
+    def setup(device: str, precision: str, n_showers: int):
         import torch
 
         from pyhybrid.kernels.calorimeter import Design
@@ -36,7 +36,6 @@ def _setup(grad: bool, cpu_showers: int, cuda_showers: int):
 
         dtype = getattr(torch, precision)
         generator = torch.Generator().manual_seed(1)
-        n_showers = cuda_showers if device == "cuda" else cpu_showers
         energy = (1.0 + 99.0 * torch.rand(n_showers, generator=generator, dtype=torch.float64)).to(device, dtype)
         impact = (5.0 * torch.randn(n_showers, 2, generator=generator, dtype=torch.float64)).to(device, dtype)
         calo = SamplingCalorimeter("lead", "scintillator", trainable=Design.field_names(), dtype=dtype,
@@ -77,8 +76,7 @@ def _setup(grad: bool, cpu_showers: int, cuda_showers: int):
 
 
 CASES = [
-    BenchCase("calorimeter-showers", "showers", N_SHOWERS, _setup(False, N_SHOWERS, CUDA_SHOWERS),
-              cuda_work=CUDA_SHOWERS),
-    BenchCase("calorimeter-showers-grad", "showers", N_GRAD_SHOWERS, _setup(True, N_GRAD_SHOWERS, CUDA_GRAD_SHOWERS),
-              grad=True, cuda_work=CUDA_GRAD_SHOWERS),
+    BenchCase("calorimeter-showers", "showers", N_SHOWERS, _setup(False), cuda_batch=CUDA_SHOWERS),
+    BenchCase("calorimeter-showers-grad", "showers", N_GRAD_SHOWERS, _setup(True), grad=True,
+              cuda_batch=CUDA_GRAD_SHOWERS),
 ]

@@ -35,25 +35,31 @@ class BenchCase:
     """One benchmarked computation.
 
     name: unique id, e.g. ``"propagate-rk4-forward"``.
-    unit: what ``work`` counts, e.g. ``"track-steps"`` or ``"events"``.
-    work: units of work done by one call.
-    setup: ``setup(device, precision) -> (drjit_call, torch_call | None)``; each
-        call runs the whole computation once, including evaluation and
-        synchronisation. ``torch_call`` is the torch-eager baseline.
+    unit: what the work counts, e.g. ``"track-steps"`` or ``"events"``.
+    batch: items (tracks, events, showers) one call processes on the CPU.
+    setup: ``setup(device, precision, batch) -> (drjit_call, torch_call | None)``;
+        each call runs the whole computation on ``batch`` items once, including
+        evaluation and synchronisation. ``torch_call`` is the torch-eager baseline.
     grad: True when the calls include the gradient.
-    cuda_work: work of one call on CUDA, whose batch is larger because a GPU needs
-        ~1e6 lanes in flight to be busy; None: the CPU batch.
+    cuda_batch: the batch on CUDA, larger because a GPU needs ~1e6 lanes in flight
+        to be busy; None: the CPU batch.
+    work_per_item: units of work per item (e.g. RK4 steps per track).
     """
 
     name: str
     unit: str
-    work: int
-    setup: Callable[[str, str], tuple[Callable[[], None], Callable[[], None] | None]]
+    batch: int
+    setup: Callable[[str, str, int], tuple[Callable[[], None], Callable[[], None] | None]]
     grad: bool = False
-    cuda_work: int | None = None
+    cuda_batch: int | None = None
+    work_per_item: float = 1.0
+
+    def batch_on(self, device: str) -> int:
+        return self.cuda_batch if device == "cuda" and self.cuda_batch is not None else self.batch
 
     def work_on(self, device: str) -> int:
-        return self.cuda_work if device == "cuda" and self.cuda_work is not None else self.work
+        """Units of work of one call on ``device``."""
+        return int(self.batch_on(device) * self.work_per_item)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +107,7 @@ def measure(case_name: str, device: str, precision: str, backend: str, threads: 
             repeats: int) -> list[dict]:
     """Run one (case, device, precision, backend) in this process; return result rows."""
     case = load_cases()[case_name]
-    drjit_call, torch_call = case.setup(device, precision)
+    drjit_call, torch_call = case.setup(device, precision, case.batch_on(device))
     rows = []
     if backend == "torch":
         if torch_call is None:

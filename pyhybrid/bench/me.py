@@ -22,7 +22,7 @@ def _reference():
 
 
 def _setup(process: str, mode: str):
-    def setup(device: str, precision: str):
+    def setup(device: str, precision: str, n_events: int):
         import torch
 
         from pyhybrid.kernels.matrix_elements import get_process
@@ -31,7 +31,7 @@ def _setup(process: str, mode: str):
         dtype = getattr(torch, precision)
         masses = torch.tensor([172.5 if get_process(process).massive_top else 0.0] * get_process(process).n_out,
                               dtype=torch.float64)
-        momenta, _ = rambo_momenta(_SQRT_S[process], masses, CUDA_EVENTS if device == "cuda" else N_EVENTS, seed=1)
+        momenta, _ = rambo_momenta(_SQRT_S[process], masses, n_events, seed=1)
         momenta = momenta.detach().to(device=device, dtype=dtype)
         module = MatrixElement(process).to(device=device, dtype=dtype)
         params = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
@@ -68,7 +68,7 @@ def _setup(process: str, mode: str):
 
 CASES = [
     BenchCase(f"me-{process}-{mode}", "events", N_EVENTS, _setup(process, mode), grad=mode != "forward",
-              cuda_work=CUDA_EVENTS)
+              cuda_batch=CUDA_EVENTS)
     for process in ("ee_mumu", "ee_qqg", "gg_tt")
     for mode in ("forward", "grad-params", "grad-all")
 ]

@@ -65,14 +65,14 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _setup(gradient: str | None, n_tracks: int, cuda_tracks: int, jacobian: str = "exact"):
-    def setup(device: str, precision: str):
+def _setup(gradient: str | None, jacobian: str = "exact"):
+    def setup(device: str, precision: str, n_tracks: int):
         import torch
 
         from pyhybrid.nn.propagator import RK4, Propagator, SolenoidField, barrel
 
         reference = _reference()
-        params = workload(cuda_tracks if device == "cuda" else n_tracks, device, precision)
+        params = workload(n_tracks, device, precision)
         everything = gradient == "all"
         prop = Propagator(SolenoidField(*SOLENOID, requires_grad=everything),
                           barrel(RADII, half_length=HALF_LENGTH, thickness=THICKNESS), stepper=RK4(STEP),
@@ -112,15 +112,11 @@ def _setup(gradient: str | None, n_tracks: int, cuda_tracks: int, jacobian: str 
     return setup
 
 
-def _work(n_tracks: int) -> int:
-    return int(n_tracks * STEPS_PER_TRACK)
-
-
 CASES = [
-    BenchCase("propagate-rk4-forward", "track-steps", _work(WORKLOAD_TRACKS),
-              _setup(None, WORKLOAD_TRACKS, CUDA_WORKLOAD_TRACKS), cuda_work=_work(CUDA_WORKLOAD_TRACKS)),
+    BenchCase("propagate-rk4-forward", "track-steps", WORKLOAD_TRACKS, _setup(None),
+              cuda_batch=CUDA_WORKLOAD_TRACKS, work_per_item=STEPS_PER_TRACK),
     *[BenchCase(f"propagate-rk4-gradient-{gradient}{'' if jacobian == 'exact' else '-' + jacobian}", "track-steps",
-                _work(GRADIENT_TRACKS), _setup(gradient, GRADIENT_TRACKS, CUDA_GRADIENT_TRACKS, jacobian), grad=True,
-                cuda_work=_work(CUDA_GRADIENT_TRACKS))
+                GRADIENT_TRACKS, _setup(gradient, jacobian), grad=True, cuda_batch=CUDA_GRADIENT_TRACKS,
+                work_per_item=STEPS_PER_TRACK)
       for jacobian in ("exact", "acts") for gradient in ("tracks", "all")],
 ]

@@ -24,7 +24,7 @@ EDGES = tuple(np.linspace(-3.5, -0.5, 7))
 
 
 def _shower_setup(with_observables: bool):
-    def setup(device: str, precision: str):
+    def setup(device: str, precision: str, n_events: int):
         from pyhybrid.kernels.backend import kernel_types
         from pyhybrid.kernels.observables import event_shapes
         from pyhybrid.kernels.shower import ShowerSettings, run_shower
@@ -32,7 +32,6 @@ def _shower_setup(with_observables: bool):
         types = kernel_types(device, precision)
         settings = ShowerSettings()
         seeds = iter(range(1, 10**9))
-        n_events = CUDA_EVENTS if device == "cuda" else N_EVENTS
 
         def call():
             result = run_shower(types, n_events, settings, next(seeds))
@@ -47,7 +46,7 @@ def _shower_setup(with_observables: bool):
 
 
 def _gradient_setup(estimator_name: str):
-    def setup(device: str, precision: str):
+    def setup(device: str, precision: str, n_events: int):
         import torch
 
         from pyhybrid.estimators import HistogramObservable, Relaxed, ScoreFunction, StochasticAD
@@ -59,7 +58,6 @@ def _gradient_setup(estimator_name: str):
         shower = PartonShower(dtype=dtype, device=device)
         spec = HistogramObservable("log10_y23", EDGES)
         seeds = iter(range(1, 10**9))
-        n_events = CUDA_EVENTS if device == "cuda" else N_GRADIENT_EVENTS
 
         def call():
             estimator.estimate(shower, spec, n_events, next(seeds))
@@ -71,9 +69,9 @@ def _gradient_setup(estimator_name: str):
 
 
 CASES = [
-    BenchCase("shower", "events", N_EVENTS, _shower_setup(False), cuda_work=CUDA_EVENTS),
-    BenchCase("shower-observables", "events", N_EVENTS, _shower_setup(True), cuda_work=CUDA_EVENTS),
+    BenchCase("shower", "events", N_EVENTS, _shower_setup(False), cuda_batch=CUDA_EVENTS),
+    BenchCase("shower-observables", "events", N_EVENTS, _shower_setup(True), cuda_batch=CUDA_EVENTS),
     *[BenchCase(f"shower-gradient-{name}", "events", N_GRADIENT_EVENTS, _gradient_setup(name), grad=True,
-                cuda_work=CUDA_EVENTS)
+                cuda_batch=CUDA_EVENTS)
       for name in ("score-function", "stochastic-ad", "relaxed")],
 ]

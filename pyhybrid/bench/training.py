@@ -76,12 +76,12 @@ def _physics(kind: str, device: str, dtype):
     return hits
 
 
-def _models(device: str, dtype):
+def _models(device: str, dtype, batch: int):
     import torch
 
     from pyhybrid.nn.hybrid import Surrogate, TrackEncoder
 
-    truth = _tracks(BATCH, device, dtype)
+    truth = _tracks(batch, device, dtype)
     with torch.no_grad():
         measured = _physics("drjit", device, dtype)(truth)
     sigma = torch.tensor(SIGMA, device=device, dtype=dtype)
@@ -118,11 +118,11 @@ def _step(model_of, parameters, measured, sigma, device):
 
 
 def _training_step(baseline: str):
-    def setup(device: str, precision: str):
+    def setup(device: str, precision: str, batch: int):
         import torch
 
         dtype = getattr(torch, precision)
-        _, measured, sigma, encoder, decoder = _models(device, dtype)
+        _, measured, sigma, encoder, decoder = _models(device, dtype, batch)
         drjit_physics = _physics("drjit", device, dtype)
         hybrid = _step(lambda hits: drjit_physics(encoder(hits)), list(encoder.parameters()), measured, sigma,
                        device)
@@ -137,13 +137,13 @@ def _training_step(baseline: str):
     return setup
 
 
-def _gauss_newton_targets(device: str, precision: str):
+def _gauss_newton_targets(device: str, precision: str, batch: int):
     import torch
 
     from pyhybrid.nn.hybrid import gauss_newton_step
 
     dtype = getattr(torch, precision)
-    truth, measured, sigma, _, _ = _models(device, dtype)
+    truth, measured, sigma, _, _ = _models(device, dtype, batch)
     start = truth + torch.tensor([0.01, 0.1, 1e-4, 1e-4, 1e-3], device=device, dtype=dtype) * math.sqrt(2)
 
     def call_with(physics):

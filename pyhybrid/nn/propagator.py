@@ -446,7 +446,7 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient)
     covariance = list(covariance) if with_covariance else None
     arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), rows)
-    if freeze and options.scattering != "sample":
+    if _freezable(freeze, options):
         outputs, record = _frozen(config).forward(*arrays)
     else:
         outputs, record = _propagate(config, field, seed, *arrays)
@@ -503,6 +503,11 @@ class _FrozenPropagation:
         self.vjp = dr.freeze(lambda *arrays: _vjp_sums(n_layers, *arrays), limit=8)
 
 
+def _freezable(freeze: bool, options: kprop.PropagationOptions) -> bool:
+    """Sampled scattering is never frozen: its seed would be baked into the recording."""
+    return freeze and options.scattering != "sample"
+
+
 # Frozen propagations by configuration, least recently used first.
 _FROZEN: OrderedDict = OrderedDict()
 _MAX_FROZEN = 32
@@ -541,7 +546,7 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacob
     if record is None:
         raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient)
-    vjp = _frozen(config).vjp if freeze and options.scattering != "sample" else partial(_vjp_sums, len(layers))
+    vjp = _frozen(config).vjp if _freezable(freeze, options) else partial(_vjp_sums, len(layers))
     initial, *sums = vjp(record, *grad_outputs[:3])
 
     def stacked(arrays):

@@ -187,8 +187,8 @@ def test_stored_jacobians_do_not_grow_with_the_number_of_steps():
         outputs, record = _propagate_kernel(*inputs, layers=prop.kernel_layers, options=prop.options,
                                             field=prop.field.kernel_field("cpu", torch.float64),
                                             jacobian=True, seed=0, with_covariance=False, field_gradient=True)
-        assert np.array(outputs[3]).reshape(3, 2)[:, 1].all()
+        assert np.array(outputs[3]).reshape(2, 3)[1].all()  # layer-major (L, N) rows
         arrays = [t for rows in record.outputs + record.after for row in rows for t in row if t is not None]
         stored.append(sum(1 if isinstance(t, float) else dr.width(t) for t in arrays))
-        path.append(np.array(outputs[2]).reshape(3, 2)[0, 1])
+        path.append(np.array(outputs[2]).reshape(2, 3)[1, 0])
     assert path[1] > 10 * path[0] and stored[0] == stored[1]

@@ -146,3 +146,22 @@ def test_surfaces_reject_bad_geometry():
         Disk(r_min=10.0, r_max=5.0)
     with pytest.raises(ValueError, match="normal_vector must be a non-zero"):
         Plane(normal_vector=(0, 0, 0))
+
+
+@pytest.mark.parametrize("surface, a", [(Cylinder(), 300.0), (Cylinder(), 4.0),
+                                        (Plane((0.6, 0.0, 0.8), (0.8, 0.0, -0.6)), 100.0)],
+                         ids=["cylinder", "thin-cylinder", "plane"])
+def test_within_never_rejects_a_surface_that_a_step_can_reach(surface, a):
+    """The stepping loop computes the straight-line distance only where ``within`` is True: it must be
+    True wherever the surface lies within the step (no missed crossing), and False far away (the point)."""
+    rng = np.random.default_rng(7)
+    n, step = 200_000, 10.0
+    r = rng.uniform(-1.5 * a - 30, 1.5 * a + 30, (3, n))
+    t = rng.normal(size=(3, n))
+    t /= np.linalg.norm(t, axis=0)
+    rows = [F64.Float(v) for v in r]
+    within = np.array(surface.within(rows, F64.Float(a), step))
+    step_limit, _ = surface.line_distance(rows, [F64.Float(v) for v in t], F64.Float(a), F64.Bool(np.zeros(n, bool)))
+    reachable = np.array(step_limit) <= step
+    assert reachable.sum() > 1000 and not (reachable & ~within).any()
+    assert (~within).mean() > 0.5

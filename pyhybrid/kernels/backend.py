@@ -25,6 +25,17 @@ _LLVM_HINT = (
 )
 
 
+def inverse_sqrt(x):
+    """1 / sqrt(x), as fast as the backend allows it accurately.
+
+    On the CPU (LLVM) ``dr.rsqrt`` is the hardware estimate refined by a Newton step: within
+    2e-7 relative in float32 (1 ulp in float64), twice as fast as a square root and a division
+    (6 % of a propagation in float32). On CUDA ``dr.rsqrt`` is an approximate instruction even in
+    float64 (|M|^2 off by 3e-8, hits by 1e-5 mm on an H100), so there it is 1 / dr.sqrt(x).
+    """
+    return dr.rsqrt(x) if dr.backend_v(x) == dr.JitBackend.LLVM else 1.0 / dr.sqrt(x)
+
+
 class BackendUnavailable(RuntimeError):
     """The requested Dr.Jit backend cannot run on this machine."""
 

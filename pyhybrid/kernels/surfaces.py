@@ -57,6 +57,14 @@ class Cylinder:
         """d level / ds along the direction t."""
         return 2.0 * (r[0] * t[0] + r[1] * t[1])
 
+    def within(self, r, a, distance):
+        """False where the surface is certainly farther than ``distance`` from r (no square root):
+        |rho - a| > distance, i.e. rho^2 outside [max(a - distance, 0)^2, (a + distance)^2]."""
+        rho2 = r[0] * r[0] + r[1] * r[1]
+        inner = dr.maximum(a - distance, 0.0)
+        outer = a + distance
+        return (rho2 >= inner * inner) & (rho2 <= outer * outer)
+
     def _roots(self, r, t, a):
         """Both straight-line roots (far, near) and whether they exist; works on Duals."""
         a2 = t[0] * t[0] + t[1] * t[1]
@@ -130,6 +138,10 @@ class Plane:
 
     def level_rate(self, r, t):
         return dm.dot(self.normal_vector, t)
+
+    def within(self, r, a, distance):
+        """False where the plane is certainly farther than ``distance`` from r."""
+        return dr.abs(self.level(r, a)) <= distance
 
     def line_distance(self, r, t, a, crossed):
         """``(step, nearest)`` as for :meth:`Cylinder.line_distance` (a line has one root)."""

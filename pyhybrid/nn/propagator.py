@@ -423,10 +423,12 @@ class Propagator(nn.Module):
                              jacobian=jacobian, seed=seed, with_covariance=covariance is not None,
                              field_gradient=jacobian and field_params.requires_grad, freeze=self.freeze_kernels)
         n, n_layers = params.shape[0], self.n_layers
-        result = PropagationResult(free=outputs[0].reshape(n, n_layers, 8),
-                                   local=outputs[1].reshape(n, n_layers, 2),
-                                   path_length=outputs[2].reshape(n, n_layers),
-                                   valid=outputs[3].detach().reshape(n, n_layers) > 0.5)
+
+        def per_track(rows, *width):  # the kernels write layer-major rows: (L, N, ...) -> (N, L, ...) view
+            return rows.view(n_layers, n, *width).transpose(0, 1)
+
+        result = PropagationResult(free=per_track(outputs[0], 8), local=per_track(outputs[1], 2),
+                                   path_length=per_track(outputs[2]), valid=per_track(outputs[3].detach()) > 0.5)
         if covariance is not None:
             result.covariance = outputs[4].detach().reshape(n, n_layers, 8, 8)
             result.local_covariance = outputs[5].detach().reshape(n, n_layers, 2, 2)
@@ -441,11 +443,11 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
     n = dr.width(params[0])
     # The output rows are allocated here, outside a frozen function: an allocation recorded inside
     # one keeps its recorded size when the function is replayed for another number of tracks.
-    rows = [dr.zeros(types.Float, n * len(layers) * width) for width in (8, 2, 1, 1)]
-    dr.make_opaque(rows)
+    rows = kprop.output_rows(types, n, len(layers))
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient)
     covariance = list(covariance) if with_covariance else None
-    arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), rows)
+    arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), rows,
+              _n_tracks(types, n))
     if _freezable(freeze, options):
         outputs, record = _frozen(config).forward(*arrays)
     else:
@@ -469,14 +471,15 @@ class _Configuration:
 
 
 def _propagate(config: _Configuration, field: KernelField, seed, params, field_params, positions, thickness,
-               covariance, field_values, rows):
+               covariance, field_values, rows, n_tracks):
     state = kprop.FreeParameters.from_columns(params)
     initial_cov = None
     if config.with_covariance:
         initial_cov = [[covariance[8 * i + j] for j in range(8)] for i in range(8)]
     hits = kprop.propagate_layers(state, field.build(field_params, field_values), config.layers, positions,
                                   thickness, config.options, jacobian=config.jacobian, covariance=initial_cov,
-                                  seed=seed, field_gradient=config.field_gradient, rows=rows)
+                                  seed=seed, field_gradient=config.field_gradient, rows=rows,
+                                  n_tracks=n_tracks)
     outputs = [hits.free_rows, hits.local_rows, hits.path_rows, hits.valid_rows]
     if config.with_covariance:  # as columns (N lanes each)
         outputs.append([c for layer in hits.covariance for row in layer for c in row])
@@ -490,8 +493,8 @@ class _FrozenPropagation:
     tracks) without Python tracing.
 
     Safe because everything the trace depends on is either an input (track parameters, field
-    parameters, grid values, layer positions and thicknesses, the output rows; for the VJP the
-    Jacobian record and the output gradients) or part of ``config``; sizes inside derive from the
+    parameters, grid values, layer positions and thicknesses, the output rows and N; for the VJP the
+    Jacobian record, the output gradients and N) or part of ``config``; sizes inside derive from the
     inputs' widths and no Python value is read back from an array. ``dr.freeze`` itself re-records
     for a new input layout (precision, or N equal to 1 or to another input's size).
     """
@@ -521,19 +524,18 @@ def _frozen(config: _Configuration) -> _FrozenPropagation:
     return frozen
 
 
-def _deinterleave(flat, k: int, columns) -> list:
-    """Columns ``columns`` of a flat row-major (N, k) array."""
-    Float = type(flat)
-    rows = dr.arange(dr.uint32_array_t(Float), dr.width(flat) // k) * k
-    return [dr.gather(Float, flat, rows + j) for j in columns]
+def _n_tracks(types, n: int):
+    """N as a 1-lane array: an input of the frozen kernels, which address the layer-major rows with it."""
+    return dr.opaque(types.UInt32, n)
 
 
-def _vjp_sums(n_layers: int, record, grad_free, grad_local, grad_path):
+def _vjp_sums(n_layers: int, record, grad_free, grad_local, grad_path, n_tracks):
     """J^T g: per-lane gradients of the 8 initial parameters and the lane sums of the field, position
     and thickness gradients (each a list of 1-lane arrays)."""
-    per_layer_free = [_deinterleave(grad_free, 8 * n_layers, range(8 * k, 8 * k + 8)) for k in range(n_layers)]
-    per_layer_local = [_deinterleave(grad_local, 2 * n_layers, range(2 * k, 2 * k + 2)) for k in range(n_layers)]
-    per_layer_path = _deinterleave(grad_path, n_layers, range(n_layers))
+    tracks = dict(lanes=dr.arange(type(n_tracks), dr.width(record.direction_norm)), n_tracks=n_tracks)
+    per_layer_free = kprop.layer_columns(grad_free, n_layers, 8, **tracks)
+    per_layer_local = kprop.layer_columns(grad_local, n_layers, 2, **tracks)
+    per_layer_path = [c[0] for c in kprop.layer_columns(grad_path, n_layers, 1, **tracks)]
     initial, field, positions, thickness = kprop.layers_vjp(record, per_layer_free, per_layer_local,
                                                             per_layer_path)
     sums = [[dr.sum(a) for a in arrays] for arrays in (field, positions, thickness)]
@@ -547,7 +549,8 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacob
         raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient)
     vjp = _frozen(config).vjp if _freezable(freeze, options) else partial(_vjp_sums, len(layers))
-    initial, *sums = vjp(record, *grad_outputs[:3])
+    n_tracks = dr.width(record.direction_norm)
+    initial, *sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(record.direction_norm), n_tracks))
 
     def stacked(arrays):
         return torch.cat([a.torch() for a in arrays])

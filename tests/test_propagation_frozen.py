@@ -128,7 +128,7 @@ def test_gradcheck_through_the_frozen_kernels():
     def run(params, field_params, positions, thickness):
         return _PROPAGATE(params, field_params, positions, thickness, layers=prop.kernel_layers,
                           options=prop.options, field=prop.field.kernel_field("cpu", torch.float64), jacobian=True,
-                          seed=0, with_covariance=False, field_gradient=True, freeze=True)[:3]
+                          seed=0, with_covariance=False, field_gradient=True, layer_gradient=True, freeze=True)[:3]
 
     assert torch.autograd.gradcheck(run, inputs, eps=1e-6, atol=1e-4, rtol=1e-3, fast_mode=True)
 

@@ -70,7 +70,7 @@ def _call(prop, params, field_params, positions, thickness, seed):
     """The propagator's autograd function with every input explicit (free, local, path length)."""
     outputs = _PROPAGATE(params, field_params, positions, thickness, layers=prop.kernel_layers, options=prop.options,
                          field=prop.field.kernel_field(params.device, params.dtype), jacobian=True,
-                         seed=seed, with_covariance=False, field_gradient=True)
+                         seed=seed, with_covariance=False, field_gradient=True, layer_gradient=True)
     return outputs[:3]
 
 
@@ -144,7 +144,7 @@ def test_gradients_through_a_field_map():
     def run(params, scale, positions, thickness):
         return _PROPAGATE(params, scale, positions, thickness, layers=prop.kernel_layers, options=prop.options,
                           field=grid.kernel_field(params.device, params.dtype), jacobian=True, seed=0,
-                          with_covariance=False, field_gradient=True)[:3]
+                          with_covariance=False, field_gradient=True, layer_gradient=True)[:3]
 
     # atol 1e-4: the position column along the track follows from the flow property of the exact
     # trajectory; RK4 steps across the kinks of a trilinear map deviate from it at the 1e-5 level
@@ -186,7 +186,8 @@ def test_stored_jacobians_do_not_grow_with_the_number_of_steps():
             F64.Float(torch.tensor([60.0, radius], dtype=torch.float64)), F64.Float(torch.zeros(2, dtype=torch.float64))
         outputs, record = _propagate_kernel(*inputs, layers=prop.kernel_layers, options=prop.options,
                                             field=prop.field.kernel_field("cpu", torch.float64),
-                                            jacobian=True, seed=0, with_covariance=False, field_gradient=True)
+                                            jacobian=True, seed=0, with_covariance=False, field_gradient=True,
+                                            layer_gradient=True)
         assert np.array(outputs[3]).reshape(2, 3)[1].all()  # layer-major (L, N) rows
         arrays = [t for rows in record.outputs + record.after for row in rows for t in row if t is not None]
         stored.append(sum(1 if isinstance(t, float) else dr.width(t) for t in arrays))

@@ -607,7 +607,8 @@ def layer_columns(rows, n_layers: int, width: int, *, lanes=None, n_tracks=None)
 
 def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], positions, thickness,
                      options: PropagationOptions, *, jacobian: bool = False, covariance=None,
-                     seed: int = 0, field_gradient: bool = True, rows=None, n_tracks=None) -> LayerHits:
+                     seed: int = 0, field_gradient: bool = True, layer_gradient: bool = True, rows=None,
+                     n_tracks=None) -> LayerHits:
     """Propagate tracks through ``layers`` in order (see the module docstring).
 
     positions, thickness: arrays with one entry per layer (surface position
@@ -616,6 +617,8 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     output; ``jacobian``: keep the per-layer Jacobians for :func:`layers_vjp`.
     ``seed``: random numbers for ``scattering="sample"`` (per lane and layer).
     ``field_gradient``: carry the field-parameter columns (else their gradients are zero).
+    ``layer_gradient``: the same for the layer positions and thicknesses (their columns cost a
+    fifth of the Jacobian record).
     ``rows``: optional arrays from :func:`output_rows` that receive the outputs (``LayerHits.free_rows`` ... ``valid_rows``, layer-major); a caller recording this function with
     ``dr.freeze`` must pass them in, since an allocation made inside a recording keeps its recorded
     size when replayed for another number of tracks, and pass ``n_tracks`` (see :func:`layer_columns`).
@@ -672,8 +675,11 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
             r, t = _segment_duals(field, loop, start, lam, n_columns)
             qop = dm.Dual.variable(state.qop, _QOP, n_columns)
             t0 = dm.Dual.variable(state.time, _TIME, n_columns)
-            a_var = dm.Dual.variable(a, column_a, n_columns)
-            thick_var = dm.Dual.variable(thick, column_thickness, n_columns)
+            if layer_gradient:
+                a_var = dm.Dual.variable(a, column_a, n_columns)
+                thick_var = dm.Dual.variable(thick, column_thickness, n_columns)
+            else:
+                a_var, thick_var = dm.Dual.constant(a, n_columns), dm.Dual.constant(thick, n_columns)
         else:
             r, t, qop, t0, a_var, thick_var = loop.r, loop.t, state.qop, state.time, a, thick
         position, direction, path, time = _snap(field, target, loop, r, t, qop, t0, a_var, particle)

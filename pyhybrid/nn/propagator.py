@@ -421,7 +421,9 @@ class Propagator(nn.Module):
         outputs = _PROPAGATE(*inputs, layers=self.kernel_layers, options=self.options,
                              field=self.field.kernel_field(params.device, params.dtype),
                              jacobian=jacobian, seed=seed, with_covariance=covariance is not None,
-                             field_gradient=jacobian and field_params.requires_grad, freeze=self.freeze_kernels)
+                             field_gradient=jacobian and field_params.requires_grad,
+                             layer_gradient=jacobian and (positions.requires_grad or thickness.requires_grad),
+                             freeze=self.freeze_kernels)
         n, n_layers = params.shape[0], self.n_layers
 
         def per_track(rows, *width):  # the kernels write layer-major rows: (L, N, ...) -> (N, L, ...) view
@@ -436,7 +438,8 @@ class Propagator(nn.Module):
 
 
 def _propagate_kernel(params, field_params, positions, thickness, covariance=None, *, layers, options,
-                      field: KernelField, jacobian, seed, with_covariance, field_gradient, freeze=False):
+                      field: KernelField, jacobian, seed, with_covariance, field_gradient, layer_gradient,
+                      freeze=False):
     """The propagation as ``kernel_function`` calls it; frozen (see :class:`_FrozenPropagation`)
     unless ``freeze`` is False or the scattering is sampled (the seed would be part of the recording)."""
     types = types_of(field_params)
@@ -444,7 +447,8 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
     # The output rows are allocated here, outside a frozen function: an allocation recorded inside
     # one keeps its recorded size when the function is replayed for another number of tracks.
     rows = kprop.output_rows(types, n, len(layers))
-    config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient)
+    config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient,
+                            layer_gradient)
     covariance = list(covariance) if with_covariance else None
     arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), rows,
               _n_tracks(types, n))
@@ -468,6 +472,7 @@ class _Configuration:
     jacobian: bool
     with_covariance: bool
     field_gradient: bool
+    layer_gradient: bool
 
 
 def _propagate(config: _Configuration, field: KernelField, seed, params, field_params, positions, thickness,
@@ -478,7 +483,8 @@ def _propagate(config: _Configuration, field: KernelField, seed, params, field_p
         initial_cov = [[covariance[8 * i + j] for j in range(8)] for i in range(8)]
     hits = kprop.propagate_layers(state, field.build(field_params, field_values), config.layers, positions,
                                   thickness, config.options, jacobian=config.jacobian, covariance=initial_cov,
-                                  seed=seed, field_gradient=config.field_gradient, rows=rows,
+                                  seed=seed, field_gradient=config.field_gradient,
+                                  layer_gradient=config.layer_gradient, rows=rows,
                                   n_tracks=n_tracks)
     outputs = [hits.free_rows, hits.local_rows, hits.path_rows, hits.valid_rows]
     if config.with_covariance:  # as columns (N lanes each)
@@ -544,10 +550,11 @@ def _vjp_sums(n_layers: int, record, grad_free, grad_local, grad_path, n_tracks)
 
 
 def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacobian, seed,
-                   with_covariance, field_gradient, freeze=False):
+                   with_covariance, field_gradient, layer_gradient, freeze=False):
     if record is None:
         raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
-    config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient)
+    config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient,
+                            layer_gradient)
     vjp = _frozen(config).vjp if _freezable(freeze, options) else partial(_vjp_sums, len(layers))
     n_tracks = dr.width(record.direction_norm)
     initial, *sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(record.direction_norm), n_tracks))

@@ -97,6 +97,12 @@ def test_field_derivatives_match_finite_differences(kind):
     _, gradient, parameter_derivatives = field.evaluate_with_derivatives(_point(*point))
     analytic = np.array([[_value(gradient[i][j]) for j in range(3)] for i in range(3)])
     np.testing.assert_allclose(analytic, _fd_gradient(field, point), rtol=1e-6, atol=1e-12)
+    # the per-lane factor the stepper folds into the field (lambda = c q/p): scale * B, lanewise
+    scale = F64.Float([-0.7, 2.5])
+    scaled = field.evaluate(tuple(F64.Float([c, c]) for c in point), scale=scale)
+    plain = field.evaluate(_point(*point))
+    np.testing.assert_allclose([np.array(v) for v in scaled], [[-0.7 * _value(v), 2.5 * _value(v)] for v in plain],
+                               rtol=1e-15, atol=0)
     for g, name in enumerate(field.names):
         step = 1e-5 * max(1.0, abs(params[g]))
         up, down = list(params), list(params)

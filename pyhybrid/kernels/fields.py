@@ -42,9 +42,10 @@ class UniformField:
     def __init__(self, bx, by, bz):
         self.b = (bx, by, bz)
 
-    def evaluate(self, r):
+    def evaluate(self, r, scale=None):
+        """``scale`` (None: 1) times B at r."""
         zero = 0.0 * r[0]
-        return tuple(b + zero for b in self.b)
+        return tuple(_scaled(b, scale) + zero for b in self.b)
 
     def evaluate_with_derivatives(self, r, gradient: bool = True):
         parameter_derivatives = ((1.0, None, None), (None, 1.0, None), (None, None, 1.0))
@@ -97,15 +98,17 @@ class SolenoidField:
         rho2 = x * x + y * y
         return (-0.5 * x * b1, -0.5 * y * b1, b - 0.25 * rho2 * b2)
 
-    def evaluate(self, r):
-        """B at r: the hot path of the stepping loop (four calls per RK4 step), so written with
-        the fewest operations: u, u' and -u''/3 at both coil ends, constants folded in, and the
-        fast inverse square root on the CPU (see :func:`~pyhybrid.kernels.backend.inverse_sqrt`)."""
+    def evaluate(self, r, scale=None):
+        """``scale`` (None: 1) times B at r: the hot path of the stepping loop (four calls per RK4 step), so
+        written with the fewest operations: u, u' and -u''/3 at both coil ends, constants (and the
+        loop-invariant ``scale``) folded in, and the fast inverse square root on the CPU (see
+        :func:`~pyhybrid.kernels.backend.inverse_sqrt`)."""
         x, y, z = r
         u_plus = self._u_fast(z + self.half_length)
         u_minus = self._u_fast(z - self.half_length)
         b, minus_half_b1, minus_quarter_b2 = (
-            scale * (p - m) for scale, p, m in zip((self._b_scale, self._b1_scale, self._b2_scale), u_plus, u_minus))
+            _scaled(factor, scale) * (p - m)
+            for factor, p, m in zip((self._b_scale, self._b1_scale, self._b2_scale), u_plus, u_minus))
         rho2 = x * x + y * y
         return (x * minus_half_b1, y * minus_half_b1, dr.fma(rho2, minus_quarter_b2, b))
 
@@ -220,9 +223,10 @@ class GridField:
         gradient = tuple(tuple(dr.select(inside, g, 0.0) for g in row) for row in gradient)
         return field, gradient
 
-    def evaluate(self, r):
+    def evaluate(self, r, scale=None):
+        """``scale`` (None: 1) times B at r."""
         field, _ = self._interpolate(r, derivatives=False)
-        return tuple(self.scale * b for b in field)
+        return tuple(_scaled(self.scale, scale) * b for b in field)
 
     def evaluate_with_derivatives(self, r, gradient: bool = True):
         unscaled, grid_gradient = self._interpolate(r, derivatives=gradient)
@@ -236,3 +240,9 @@ class GridField:
 
 #: Field kinds by name with their parameter names (the differentiable global parameters).
 FIELD_KINDS = {"uniform": UniformField, "solenoid": SolenoidField, "grid": GridField}
+
+
+def _scaled(factor, scale):
+    """factor * scale; ``scale`` is a per-lane factor that a stepper folds into the field's constants
+    (loop-invariant, so the multiplication leaves the stepping loop), None for 1."""
+    return factor if scale is None else scale * factor

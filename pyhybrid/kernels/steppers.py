@@ -168,7 +168,7 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
     # Field derivatives needed per stage: dB/dr (exact transport) and/or dB/dparameters (field columns).
     field_derivatives = want_derivatives and (
         spatial_gradient or any(c.field_parameter is not None for c in columns))
-    ks, kappas, stages = [], [], []
+    ks, stages = [], []
     h2 = h * h
     for s in range(4):
         r_s, t_s = r, t
@@ -180,6 +180,12 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
         for j, coefficient in enumerate(tableau.b[s]):
             if coefficient:
                 t_s = tuple(dr.fma(coefficient * h, kj, ti) for ti, kj in zip(t_s, ks[j]))
+        if not want_derivatives:
+            # Values only: lambda (loop-invariant) is folded into the field's constants, k = T x (lambda B).
+            if not tableau.same_point[s]:
+                lam_b = field.evaluate(r_s, scale=lam)
+            ks.append(_cross(t_s, lam_b))
+            continue
         if tableau.same_point[s]:
             b_s, grad_s, param_s = field_s
         elif field_derivatives:
@@ -188,9 +194,7 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
             b_s, grad_s, param_s = field_s = field.evaluate(r_s), _NO_GRADIENT, None
         kappa = _cross(t_s, b_s)
         ks.append(tuple(lam * q for q in kappa))
-        kappas.append(kappa)
-        if want_derivatives:
-            stages.append(_StageLinearisation.of(lam, t_s, b_s, grad_s, param_s, kappa, columns))
+        stages.append(_StageLinearisation.of(lam, t_s, b_s, grad_s, param_s, kappa, columns))
 
     # Fused multiply-adds (the value path runs every step): the weights of the docstring's r' and T'.
     r_new = tuple(dr.fma(h2 * (1.0 / 6.0), k1 + k2 + k3, dr.fma(h, ti, ri)) for ri, ti, k1, k2, k3 in zip(r, t, *ks[:3]))

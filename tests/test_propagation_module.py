@@ -175,3 +175,19 @@ def test_benchmark_workload_step_count():
                                             thickness=torch.full((len(bench.RADII),), bench.THICKNESS,
                                                                  dtype=torch.float64))
     assert out["steps"] / 300 == pytest.approx(bench.STEPS_PER_TRACK, rel=0.03)
+
+
+def test_outputs_are_per_track_views_of_layer_major_rows():
+    """(N, L, ...) results without a copy of the kernels' layer-major rows; the usual ops work on them."""
+    prop = Propagator(UniformField((0.0, 0.0, 2.0)), barrel([50.0, 120.0], thickness=0.3), stepper=RK4(10.0))
+    generator = torch.Generator().manual_seed(3)
+    momentum = torch.randn(5, 3, generator=generator, dtype=torch.float64) + torch.tensor([2.0, 0.0, 0.0],
+                                                                                          dtype=torch.float64)
+    params = free_parameters(torch.zeros(5, 3, dtype=torch.float64), momentum, 1.0)
+    out = prop(params)
+    assert out.free.shape == (5, 2, 8) and out.local.shape == (5, 2, 2) and out.path_length.shape == (5, 2)
+    assert out.free.transpose(0, 1).is_contiguous()
+    first_only = Propagator(UniformField((0.0, 0.0, 2.0)), barrel([50.0], thickness=0.3), stepper=RK4(10.0))
+    assert torch.equal(out.local[:, 0], first_only(params).local[:, 0])  # rows land on their track and layer
+    assert out.free.reshape(5, -1).shape == (5, 16) and torch.equal(out.free.contiguous(), out.free)
+    assert torch.equal(out.path_length[:, 1] > out.path_length[:, 0], out.valid[:, 1] & out.valid[:, 0])

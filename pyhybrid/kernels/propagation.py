@@ -580,7 +580,7 @@ class LayerHits:
 def output_rows(types: KernelTypes, n: int, n_layers: int) -> list:
     """Arrays of L*N*8, L*N*2, L*N and L*N entries for the outputs of :func:`propagate_layers`.
 
-    Zero-filled, although every entry is written: ``dr.freeze`` records a function anew for every
+    Zero-filled, although every entry gets written: ``dr.freeze`` records a function anew for every
     new N when it receives uninitialised (``dr.empty``) arrays."""
     rows = [dr.zeros(types.Float, n * n_layers * width) for width in (8, 2, 1, 1)]
     dr.make_opaque(rows)
@@ -619,9 +619,11 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     ``field_gradient``: carry the field-parameter columns (else their gradients are zero).
     ``layer_gradient``: the same for the layer positions and thicknesses (their columns cost a
     fifth of the Jacobian record).
-    ``rows``: optional arrays from :func:`output_rows` that receive the outputs (``LayerHits.free_rows`` ... ``valid_rows``, layer-major); a caller recording this function with
-    ``dr.freeze`` must pass them in, since an allocation made inside a recording keeps its recorded
-    size when replayed for another number of tracks, and pass ``n_tracks`` (see :func:`layer_columns`).
+    ``rows``: optional arrays from :func:`output_rows` that receive the outputs
+    (``LayerHits.free_rows`` ... ``valid_rows``, layer-major); a caller recording this function
+    with ``dr.freeze`` must pass them in, since an allocation made inside a recording keeps its
+    recorded size when replayed for another number of tracks, and pass ``n_tracks`` (see
+    :func:`layer_columns`).
 
     One kernel per layer: the stepping loop, the surface, the material and the outputs of the
     layer (written into their rows) are compiled together, so the loop state never goes to memory.
@@ -702,8 +704,8 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
             after_state[4:7] = interaction.direction
             after_state[7] = interaction.qop
 
-        # Outputs of this layer into their rows, zeros where the layer is missed (every row is written:
-        # the rows need no zero-filling beforehand).
+        # Outputs of this layer into their rows, zeros where the layer is missed: every entry is written
+        # (unmasked packet stores), whatever the rows held before.
         row = index * (n if n_tracks is None else n_tracks) + track
         outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local],
                    [path_total + dm.value(path)], [zero + 1.0])

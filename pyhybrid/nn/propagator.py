@@ -279,6 +279,9 @@ class PropagationResult:
     plane: u, v [mm]); path_length: (N, L) path from the start [mm]; valid: (N, L) bool;
     covariance: (N, L, 8, 8) free covariance on the surface and local_covariance (N, L, 2, 2)
     when requested (not differentiable).
+    free, local, path_length and valid are views of layer-major storage (the kernels write each
+    layer's block contiguously; ``transpose(0, 1)`` gives (L, N, ...) contiguous): use
+    ``.reshape``/``.contiguous()`` where an operation needs contiguous memory (``.view`` does).
     """
 
     free: torch.Tensor
@@ -556,8 +559,8 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacob
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient,
                             layer_gradient)
     vjp = _frozen(config).vjp if _freezable(freeze, options) else partial(_vjp_sums, len(layers))
-    n_tracks = dr.width(record.direction_norm)
-    initial, *sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(record.direction_norm), n_tracks))
+    norm = record.direction_norm  # one lane per track
+    initial, *sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(norm), dr.width(norm)))
 
     def stacked(arrays):
         return torch.cat([a.torch() for a in arrays])

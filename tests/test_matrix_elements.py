@@ -287,6 +287,32 @@ def test_float32_gradients_agree_with_float64():
     assert (grads[0][0] - grads[1][0]).abs().max() < 1e-3 * scale
 
 
+def test_forward_without_autograd_matches_and_validates():
+    """Under no_grad, or with every input frozen, the module skips the autograd bridge: the same
+    values and the same input checks as the differentiable call, and a result of torch's own."""
+    module = MatrixElement("gg_tt").double()
+    momenta = _momenta("gg_tt", 64)
+    differentiable = module(momenta)
+    assert differentiable.requires_grad
+    with torch.no_grad():
+        plain = module(momenta)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, differentiable.detach(), rtol=1e-15, atol=0)
+    frozen = MatrixElement("gg_tt").double().requires_grad_(False)
+    torch.testing.assert_close(frozen(momenta), plain, rtol=0, atol=0)
+    plain.zero_()  # torch owns the result: the next call is unaffected
+    with torch.no_grad():
+        torch.testing.assert_close(module(momenta), differentiable.detach(), rtol=1e-15, atol=0)
+    unbalanced = momenta.clone()
+    unbalanced[5, 2, 1] += 0.01
+    with torch.no_grad(), pytest.raises(ValueError, match="event 5 violates energy-momentum conservation"):
+        module(unbalanced)
+    not_finite = momenta.clone()
+    not_finite[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="event 1"):
+        frozen(not_finite)
+
+
 # ----------------------------------------------------------------- bad input
 
 

@@ -511,7 +511,8 @@ class _FrozenPropagation:
     def __init__(self, config: _Configuration):
         field = KernelField(*config.field)
         n_layers = len(config.layers)
-        self.forward = dr.freeze(lambda *arrays: _propagate(config, field, 0, *arrays), limit=8)
+        # auto_opaque=False: the uninitialised output rows would otherwise be recorded anew for every N
+        self.forward = dr.freeze(lambda *arrays: _propagate(config, field, 0, *arrays), limit=8, auto_opaque=False)
         self.vjp = dr.freeze(lambda *arrays: _vjp_sums(n_layers, *arrays), limit=8)
 
 

@@ -212,19 +212,24 @@ def _is_columns(value) -> bool:
     return isinstance(value, list) or (dr.is_array_v(value) and dr.depth_v(value) > 1)
 
 
+def _run_forward(call: _Call, tensors) -> tuple:
+    """The kernel on the tensors' memory; its outputs as torch tensors (sets ``call.saved``)."""
+    # No dr.suspend_grad here: a kernel may use forward-mode AD internally to build its Jacobian.
+    _new_scope(call.types)
+    inputs = _kernel_inputs(_flat_inputs(tensors, call.types), tensors)
+    if call.vjp is None:
+        outputs = _outputs_tuple(call.forward(*inputs, **call.static))
+    else:
+        result, call.saved = call.forward(*inputs, **call.static)
+        outputs = _outputs_tuple(result)
+    owners = _Owners(tensors, call.saved)
+    return tuple(_join(o, call.types, owners) for o in outputs)
+
+
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
-        # No dr.suspend_grad here: a kernel may use forward-mode AD internally to build its Jacobian.
-        _new_scope(call.types)
-        inputs = _kernel_inputs(_flat_inputs(tensors, call.types), tensors)
-        if call.vjp is None:
-            outputs = _outputs_tuple(call.forward(*inputs, **call.static))
-        else:
-            result, call.saved = call.forward(*inputs, **call.static)
-            outputs = _outputs_tuple(result)
-        owners = _Owners(tensors, call.saved)
-        results = tuple(_join(o, call.types, owners) for o in outputs)
+        results = _run_forward(call, tensors)
         ctx.call = call
         ctx.save_for_backward(*tensors)
         return results if len(results) > 1 else results[0]
@@ -327,7 +332,8 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
     Returns
     -------
     ``apply(*tensors)``: all tensors must be float32 or float64 with one common
-    dtype and device; the result has their dtype and device.
+    dtype and device; the result has their dtype and device. When grad mode is off
+    or no input requires grad, the kernel runs without an autograd node.
     """
 
     def apply(*tensors: torch.Tensor, **more_static):
@@ -345,6 +351,11 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
             if t.device != first.device:
                 raise ValueError(f"input {i} is on {t.device}, input 0 on {first.device}")
         call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype))
-        return _KernelFunction.apply(call, *tensors)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _KernelFunction.apply(call, *tensors)
+        # Nothing to differentiate: the kernel without torch.autograd.Function's bookkeeping
+        # (0.05-0.15 ms a call, ~10 % of a 4096-event matrix-element forward on 2 cores).
+        results = _run_forward(call, tensors)
+        return results if len(results) > 1 else results[0]
 
     return apply

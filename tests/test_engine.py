@@ -102,6 +102,20 @@ def test_inputs_without_grad_and_repeated_backward():
     assert omega.grad is None
 
 
+@pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])
+def test_without_anything_to_differentiate_no_autograd_node_and_the_same_values(fn):
+    """No grad mode, or no input requiring grad: the kernel runs without torch.autograd.Function."""
+    state, omega, damping = _inputs()
+    differentiable = fn(state, omega, damping)
+    assert differentiable.grad_fn is not None
+    with torch.no_grad():
+        plain = fn(state, omega, damping)
+    detached = fn(state.detach(), omega.detach(), damping.detach())
+    for out in (plain, detached):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, differentiable.detach())
+
+
 def test_zero_copy_on_cpu():
     t = torch.arange(12, dtype=torch.float32)
     array = engine.to_drjit(t)

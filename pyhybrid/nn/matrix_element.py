@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_tensor, kernel_function, to_drjit, to_torch
+from pyhybrid.engine import check_tensor, kernel_function
 from pyhybrid.kernels.backend import types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf
 from pyhybrid.kernels.lorentz import FourVector
@@ -404,28 +404,11 @@ class MatrixElement(_ProcessModule):
         if momenta.shape[0] == 0:
             raise ValueError("momenta must contain at least one event")
         parameters = self._parameter_tensors(momenta)
-        tolerance = self.tolerance if self.validate else None
-        if not torch.is_grad_enabled() or not (momenta.requires_grad or any(p.requires_grad for p in parameters)):
-            return _matrix_element_without_autograd(momenta, parameters, process=self.process.name,
-                                                    flavour=self.flavour, scheme=self.scheme, output=self._output,
-                                                    tolerance=tolerance)
         jacobian_of = None
-        if not momenta.requires_grad:
+        if torch.is_grad_enabled() and not momenta.requires_grad and any(p.requires_grad for p in parameters):
             jacobian_of = tuple(p.requires_grad for p in parameters)
-        return self._kernel(momenta.reshape(-1), *parameters, tolerance=tolerance, jacobian_of=jacobian_of)
-
-
-def _matrix_element_without_autograd(momenta: torch.Tensor, parameters, **static) -> torch.Tensor:
-    """The forward kernel (value and validation) when no gradient is needed: the same kernel as
-    through ``kernel_function``, without its ``torch.autograd.Function`` bookkeeping (~0.5 ms a
-    call, 6-7 % of a 2^20-event float32 forward on 2 cores). The result is the kernel's own
-    array, handed to torch zero-copy on the CPU (copied on CUDA, as the engine does, so that torch's
-    stream orders its lifetime)."""
-    flat = to_drjit(momenta, "momenta")
-    dr.detail.new_scope(dr.backend_v(flat))  # as the engine does before each kernel
-    value, _ = _matrix_element_forward(flat, *(to_drjit(p) for p in parameters), jacobian_of=None, **static)
-    out = to_torch(value)
-    return out if out.device.type == "cpu" else out.clone()
+        return self._kernel(momenta.reshape(-1), *parameters, tolerance=self.tolerance if self.validate else None,
+                            jacobian_of=jacobian_of)
 
 
 class DifferentialCrossSection(MatrixElement):

@@ -166,6 +166,9 @@ def test_matrix_elements_on_cuda_match_the_torch_formulas(process):
     values = module(momenta)
     assert values.device.type == "cuda"
     torch.testing.assert_close(values, torch_me.squared_matrix_element(process, momenta, params), rtol=1e-11, atol=0)
+    with torch.no_grad():  # the engine's path without an autograd node
+        plain = module(momenta)
+    assert plain.device.type == "cuda" and plain.grad_fn is None and torch.equal(plain, values.detach())
     # gradients w.r.t. momenta and parameters
     small = momenta[:3].clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda p: module(p), (small,), eps=1e-6, atol=1e-8, rtol=1e-5)

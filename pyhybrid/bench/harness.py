@@ -1,15 +1,18 @@
 """Benchmark harness: Dr.Jit kernels vs a torch-eager implementation of the same computation.
 
 Each kernel topic registers cases in ``pyhybrid/bench/<topic>.py`` as ``CASES``.
-For every case, device and precision the harness runs, each in its own
-subprocess so that peak memory belongs to one measurement:
+For every case, device and precision the harness starts two subprocesses (so that
+peak memory belongs to one implementation), each set up and warmed up once (which
+also JIT-compiles):
 
 * the Dr.Jit path for CPU thread counts 1..N (LLVM backend) or on CUDA;
-* the torch-eager baseline (all CPU threads, or the GPU).
+* the torch-eager baseline (all CPU threads, or the GPU),
 
-Times are medians over repeats after a warm-up call (which also JIT-compiles).
-Reported: work units per second, the speed-up ratio vs torch eager measured in
-the same run, peak RSS (CPU) and peak GPU memory (torch's allocator + Dr.Jit's).
+and times them alternately: each round is one torch-eager call followed by one
+Dr.Jit call per thread count, so that both see the same load of a shared machine.
+Times are medians over the rounds. Reported: work units per second, the speed-up
+ratio vs torch eager, peak RSS (CPU) and peak GPU memory (torch's allocator +
+Dr.Jit's) of each process.
 """
 from __future__ import annotations
 
@@ -22,12 +25,16 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 BENCH_MODULES = ("propagate", "me", "shower", "calorimeter", "training")
+# Seconds of rest before each timed call: Dr.Jit's workers spin ~20 ms after a kernel and libgomp's
+# a few ms after a torch op, on the cores the next call (of the other process) needs.
+IDLE_PAUSE = 0.06
 
 
 @dataclass(frozen=True)
@@ -87,50 +94,100 @@ def load_cases(topics=BENCH_MODULES) -> dict[str, BenchCase]:
     return cases
 
 
-def median_seconds(call: Callable[[], None], repeats: int, min_time: float = 0.0) -> float:
-    """Median wall time of ``call`` after one warm-up call; at least ``repeats`` timings."""
-    call()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(case_name: str, device: str, precision: str, backend: str, threads: list[int],
-            repeats: int) -> list[dict]:
-    """Run one (case, device, precision, backend) in this process; return result rows."""
-    case = load_cases()[case_name]
-    drjit_call, torch_call = case.setup(device, precision, case.batch_on(device))
-    rows = []
-    if backend == "torch":
-        if torch_call is None:
-            return rows
-        import torch
+class _Worker:
+    """A subprocess holding one (case, device, precision, backend) set up and warmed up, timing one
+    call per request: two of them (torch eager and Dr.Jit) are timed alternately, so that both see
+    the same load of a shared machine, and each reports the peak memory of its own process."""
 
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = median_seconds(torch_call, repeats)
-        rows.append(_row(case, device, precision, backend, os.cpu_count() if device == "cpu" else None, seconds))
-    else:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.log = tempfile.TemporaryFile(mode="w+")  # the child's stderr (a pipe could fill up and block it)
+        self.process = subprocess.Popen([sys.executable, "-m", "pyhybrid.bench.harness", json.dumps(spec)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.available = self._reply()["available"]
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"benchmark {self.spec} failed:\n{self.log.read()}")
+        return json.loads(line)
+
+    def request(self, **message) -> dict:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self) -> dict:
+        """The process's peak memory; ends it."""
+        memory = self.request(stop=True)
+        self.process.wait()
+        self.log.close()
+        return memory
+
+
+def _measure_interleaved(case: BenchCase, device: str, precision: str, threads: list, repeats: int) -> list[dict]:
+    """Medians of ``repeats`` rounds, each one torch-eager call and one Dr.Jit call per thread count."""
+    spec = {"case": case.name, "device": device, "precision": precision, "threads": threads}
+    workers = {backend: _Worker({**spec, "backend": backend}) for backend in ("torch", "drjit")}
+    times: dict = {("torch", None): [], **{("drjit", n): [] for n in threads}}
+    for _ in range(repeats):
+        if workers["torch"].available:
+            times["torch", None].append(workers["torch"].request(threads=None)["seconds"])
+        for n in threads:
+            times["drjit", n].append(workers["drjit"].request(threads=n)["seconds"])
+    memory = {backend: worker.close() for backend, worker in workers.items()}
+    rows = []
+    for (backend, n), seconds in times.items():
+        if seconds:
+            reported_threads = (os.cpu_count() if device == "cpu" else None) if backend == "torch" else n
+            rows.append({**_row(case, device, precision, backend, reported_threads, statistics.median(seconds)),
+                         **memory[backend]})
+    return rows
+
+
+def _serve(spec: dict) -> None:
+    """Child process: set the case up, warm it up (also JIT-compiles), then time one call per request."""
+    protocol, sys.stdout = sys.stdout, sys.stderr  # anything the case prints must not reach the protocol
+
+    def reply(**message):
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
+    case = load_cases()[spec["case"]]
+    device = spec["device"]
+    drjit_call, torch_call = case.setup(device, spec["precision"], case.batch_on(device))
+    call = torch_call if spec["backend"] == "torch" else drjit_call
+    set_threads = None
+    if call is not None and spec["backend"] == "drjit" and device == "cpu":
         import drjit as dr
 
-        for n in threads if device == "cpu" else [None]:
+        set_threads = dr.set_thread_count
+    if call is not None:
+        for n in spec["threads"] if set_threads else [None]:
             if n is not None:
-                dr.set_thread_count(n)
-            seconds = median_seconds(drjit_call, repeats)
-            rows.append(_row(case, device, precision, backend, n, seconds))
-    for row in rows:
-        row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-        if device == "cuda":
-            row["cuda_peak_mb"] = _cuda_peak_mb()
-    return rows
+                set_threads(n)
+            call()
+    reply(available=call is not None)
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("stop"):
+            memory = {"peak_rss_mb": round(_peak_rss_mb(), 1)}
+            if device == "cuda":
+                memory["cuda_peak_mb"] = _cuda_peak_mb()
+            reply(**memory)
+            return
+        if set_threads is not None and message["threads"] is not None:
+            set_threads(message["threads"])
+        time.sleep(IDLE_PAUSE)
+        t0 = time.perf_counter()
+        call()
+        reply(seconds=time.perf_counter() - t0)
 
 
 def _cuda_peak_mb() -> float:
@@ -152,26 +209,16 @@ def _row(case: BenchCase, device, precision, backend, threads, seconds) -> dict:
 
 def run_all(case_names: list[str], devices: list[str], precisions: list[str], max_threads: int,
             repeats: int) -> list[dict]:
-    """Every measurement in its own subprocess; returns all rows with ratios vs torch eager."""
+    """All cases, devices and precisions (see :class:`_Worker`); rows with ratios vs torch eager."""
+    cases = load_cases()
     rows: list[dict] = []
-    threads = list(range(1, max_threads + 1))
     for name in case_names:
         for device in devices:
             for precision in precisions:
-                for backend in ("torch", "drjit"):
-                    rows += _subprocess_measure(name, device, precision, backend, threads, repeats)
+                threads = list(range(1, max_threads + 1)) if device == "cpu" else [None]
+                rows += _measure_interleaved(cases[name], device, precision, threads, repeats)
     _add_ratios(rows)
     return rows
-
-
-def _subprocess_measure(name, device, precision, backend, threads, repeats) -> list[dict]:
-    spec = json.dumps({"case": name, "device": device, "precision": precision, "backend": backend,
-                       "threads": threads, "repeats": repeats})
-    result = subprocess.run([sys.executable, "-m", "pyhybrid.bench.harness", spec],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark {name} ({device}, {precision}, {backend}) failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -215,12 +262,5 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _child(spec_json: str) -> None:
-    spec = json.loads(spec_json)
-    rows = measure(spec["case"], spec["device"], spec["precision"], spec["backend"],
-                   spec["threads"], spec["repeats"])
-    print(json.dumps(rows))
-
-
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    _serve(json.loads(sys.argv[1]))

@@ -8,9 +8,11 @@ also JIT-compiles):
 * the Dr.Jit path for CPU thread counts 1..N (LLVM backend) or on CUDA;
 * the torch-eager baseline (all CPU threads, or the GPU),
 
-and times them alternately: each round is one torch-eager call followed by one
-Dr.Jit call per thread count, so that both see the same load of a shared machine.
-Times are medians over the rounds. Reported: work units per second, the speed-up
+and times them alternately: each round is one block of torch-eager calls followed
+by one block of Dr.Jit calls per thread count, so that both see the same load of a
+shared machine. A block runs the call back to back for at least BLOCK_SECONDS (one
+call if it is longer) and takes the median without its first call (steady state:
+the first wakes the idle thread pools up). Times are medians over the rounds. Reported: work units per second, the speed-up
 ratio vs torch eager, peak RSS (CPU) and peak GPU memory (torch's allocator +
 Dr.Jit's) of each process.
 """
@@ -32,9 +34,11 @@ from pathlib import Path
 from typing import Callable
 
 BENCH_MODULES = ("propagate", "me", "shower", "calorimeter", "training")
-# Seconds of rest before each timed call: Dr.Jit's workers spin ~20 ms after a kernel and libgomp's
-# a few ms after a torch op, on the cores the next call (of the other process) needs.
+# Seconds of rest before each timed block: Dr.Jit's workers spin ~20 ms after a kernel and libgomp's
+# a few ms after a torch op, on the cores the next block (of the other process) needs.
 IDLE_PAUSE = 0.06
+# Seconds of back-to-back calls per timed block (short calls are timed in steady state).
+BLOCK_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ class _Worker:
 
 
 def _measure_interleaved(case: BenchCase, device: str, precision: str, threads: list, repeats: int) -> list[dict]:
-    """Medians of ``repeats`` rounds, each one torch-eager call and one Dr.Jit call per thread count."""
+    """Medians of ``repeats`` rounds, each one torch-eager block and one Dr.Jit block per thread count."""
     spec = {"case": case.name, "device": device, "precision": precision, "threads": threads}
     workers = {backend: _Worker({**spec, "backend": backend}) for backend in ("torch", "drjit")}
     times: dict = {("torch", None): [], **{("drjit", n): [] for n in threads}}
@@ -185,9 +189,19 @@ def _serve(spec: dict) -> None:
         if set_threads is not None and message["threads"] is not None:
             set_threads(message["threads"])
         time.sleep(IDLE_PAUSE)
+        reply(seconds=_block_seconds(call))
+
+
+def _block_seconds(call: Callable[[], None]) -> float:
+    """Time per call in steady state: calls back to back for at least BLOCK_SECONDS, the median
+    without the first one (which wakes the idle thread pools up), or the one call if it is longer."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while not times or time.perf_counter() - start < BLOCK_SECONDS:
         t0 = time.perf_counter()
         call()
-        reply(seconds=time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] or times)
 
 
 def _cuda_peak_mb() -> float:

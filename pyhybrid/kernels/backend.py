@@ -32,8 +32,9 @@ def inverse_sqrt(x):
     2e-7 relative in float32 (1 ulp in float64), twice as fast as a square root and a division
     (6 % of a propagation in float32). (A float64 variant, the float32 estimate refined by two
     float64 Newton steps, was twice as fast in isolation but made the propagation 17 % slower:
-    more live registers in the stepping loop.) On CUDA ``dr.rsqrt`` is an approximate instruction even in
-    float64 (|M|^2 off by 3e-8, hits by 1e-5 mm on an H100), so there it is 1 / dr.sqrt(x).
+    more live registers in the stepping loop.) On CUDA ``dr.rsqrt`` is an approximate
+    instruction even in float64 (|M|^2 off by 3e-8, hits by 1e-5 mm on an H100), so there it
+    is 1 / dr.sqrt(x).
     """
     return dr.rsqrt(x) if dr.backend_v(x) == dr.JitBackend.LLVM else 1.0 / dr.sqrt(x)
 

@@ -272,16 +272,20 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
                  columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
     if stepper.adaptive:
         loop.h, loop.max_error, loop.accepted = zero + stepper.initial_step, zero, dr.zeros(types.UInt32, n)
+
+    def largest_step(loop):
+        return loop.h if stepper.adaptive else stepper.step_size
+
     running = loop.status == RUNNING
-    loop.crossed, loop.approached, loop.distance, loop.status = _check(
-        loop, target, side, options, running, loop.h if stepper.adaptive else stepper.step_size)
+    loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running,
+                                                                       largest_step(loop))
 
     def cond(loop):
         return loop.status == RUNNING
 
     def body(loop):
         running = loop.status == RUNNING
-        h_max = loop.h if stepper.adaptive else stepper.step_size
+        h_max = largest_step(loop)
         limited = dr.abs(loop.distance) < h_max
         h = dr.select(limited, loop.distance, dr.select(loop.crossed, -h_max, h_max))
         if not stepper.adaptive:
@@ -310,8 +314,8 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
         if columns:
             loop.columns = [(new.dr, new.dt) for new in new_columns]
         loop.iterations = dr.select(running, loop.iterations + 1, loop.iterations)
-        loop.crossed, loop.approached, loop.distance, loop.status = _check(
-            loop, target, side, options, running, loop.h if stepper.adaptive else stepper.step_size)
+        loop.crossed, loop.approached, loop.distance, loop.status = _check(loop, target, side, options, running,
+                                                                           largest_step(loop))
         return (loop,)
 
     (loop,) = dr.while_loop((loop,), cond, body)
@@ -663,6 +667,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     hits = LayerHits(n_layers, *rows, covariance=[] if cov is not None else None,
                      local_covariance=[] if cov is not None else None, record=record)
     track = dr.arange(types.UInt32, n)
+    layer_stride = n if n_tracks is None else n_tracks  # rows of one layer
 
     for k, layer in enumerate(layers):
         index = dr.opaque(types.UInt32, k)  # not a literal: layers of the same kind share compiled kernels
@@ -707,7 +712,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
 
         # Outputs of this layer into their rows, zeros where the layer is missed: every entry is written
         # (unmasked packet stores), whatever the rows held before.
-        row = index * (n if n_tracks is None else n_tracks) + track
+        row = index * layer_stride + track
         outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local],
                    [path_total + dm.value(path)], [zero + 1.0])
         for target_rows, values in zip(rows, outputs):

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 
 import click
 
@@ -124,14 +125,16 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
     harness.plot(rows, png_path)
     table = Table(title="pyhybrid bench (median of repeats)")
     for column in ("case", "device", "precision", "backend", "threads", "rate", "x torch eager",
-                   "peak MB (RSS | GPU)"):
+                   "MB: calls / peak RSS | GPU peak"):
         table.add_column(column)
     for r in rows:
         ratio = "-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.1f}"
-        memory = r["cuda_peak_mb"] if r["device"] == "cuda" else r["peak_rss_mb"]
+        memory = r["cuda_peak_mb"] if r["device"] == "cuda" else (
+            f"{r['calls_rss_mb']} / {r['peak_rss_mb']}" if "calls_rss_mb" in r else r["peak_rss_mb"])
         table.add_row(r["case"], r["device"], r["precision"], r["backend"], str(r["threads"] or "-"),
                       f"{r['rate']:.3g} {r['unit']}/s", ratio, str(memory))
-    Console().print(table)
+    # Wide enough for the case names when the output is not a terminal (rich would assume 80 columns).
+    Console(width=shutil.get_terminal_size((150, 24)).columns).print(table)
     click.echo(f"wrote {json_path} and {png_path}")
 
 

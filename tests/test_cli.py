@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from pyhybrid.bench import harness
@@ -44,7 +45,23 @@ def test_bench_writes_json_and_png(tmp_path):
     assert backends == {"drjit", "torch"}
     assert all(row["ratio_vs_torch"] > 0 for row in data["rows"])
     assert all(row["rate"] > 0 and row["peak_rss_mb"] > 0 for row in data["rows"])
+    if sys.platform == "linux":  # the calls' own peak, counted from the end of the set-up
+        assert all(0 <= row["calls_rss_mb"] <= row["peak_rss_mb"] for row in data["rows"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="counts the peak from /proc/self")
+def test_bench_memory_counts_the_peak_of_the_calls_only():
+    before = bytearray(200 * 2**20)
+    before[::4096] = b"x" * len(before[::4096])  # touched: resident
+    del before  # a peak of >= 200 MB before the set-up ends, not the calls'
+    set_up_rss, reset = harness._status_mb("VmRSS"), harness._reset_peak_rss()
+    assert reset
+    calls = bytearray(100 * 2**20)
+    calls[::4096] = b"x" * len(calls[::4096])
+    report = harness._memory_report(set_up_rss, reset)
+    del calls
+    assert 90 <= report["calls_rss_mb"] < 190, report
 
 
 def test_bench_rejects_unknown_case():

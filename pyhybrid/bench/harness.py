@@ -14,7 +14,9 @@ shared machine. A block runs the call back to back for at least BLOCK_SECONDS (o
 call if it is longer) and takes the median without its first call (steady state:
 the first wakes the idle thread pools up). Times are medians over the rounds. Reported: work units per second, the speed-up
 ratio vs torch eager, peak RSS (CPU) and peak GPU memory (torch's allocator +
-Dr.Jit's) of each process.
+Dr.Jit's) of each process; on Linux also ``calls_rss_mb``, the peak RSS of the warm-up and timed
+calls above the RSS after the set-up (the set-up -- interpreter, torch, Dr.Jit, input data -- is
+the same in both processes and would otherwise dominate the peak).
 """
 from __future__ import annotations
 
@@ -98,8 +100,36 @@ def load_cases(topics=BENCH_MODULES) -> dict[str, BenchCase]:
     return cases
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MB, None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the peak-RSS count (VmHWM) at the current RSS; False where the OS does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_report(set_up_rss: float | None, reset: bool) -> dict:
+    """Peak RSS of the process [MB] and, where it could be counted from the end of the set-up, the
+    peak above the set-up's RSS: the memory of the calls themselves (their intermediates, Dr.Jit's
+    allocation cache and compiled kernels), without the interpreter, libraries and input data."""
+    peak = _status_mb("VmHWM") if reset else None
+    if peak is None:  # no /proc: the peak of the whole process, set-up included
+        return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+    return {"peak_rss_mb": round(peak, 1), "calls_rss_mb": round(peak - set_up_rss, 1)}
 
 
 class _Worker:
@@ -166,6 +196,7 @@ def _serve(spec: dict) -> None:
     case = load_cases()[spec["case"]]
     device = spec["device"]
     drjit_call, torch_call = case.setup(device, spec["precision"], case.batch_on(device))
+    set_up_rss, reset = _status_mb("VmRSS"), _reset_peak_rss()
     call = torch_call if spec["backend"] == "torch" else drjit_call
     set_threads = None
     if call is not None and spec["backend"] == "drjit" and device == "cpu":
@@ -181,7 +212,7 @@ def _serve(spec: dict) -> None:
     for line in sys.stdin:
         message = json.loads(line)
         if message.get("stop"):
-            memory = {"peak_rss_mb": round(_peak_rss_mb(), 1)}
+            memory = _memory_report(set_up_rss, reset)
             if device == "cuda":
                 memory["cuda_peak_mb"] = _cuda_peak_mb()
             reply(**memory)

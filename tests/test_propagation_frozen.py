@@ -187,3 +187,33 @@ def test_freezing_disabled_globally_still_gives_the_same_results():
         with dr.scoped_set_flag(dr.JitFlag.KernelFreezing, False):
             _assert_identical(frozen(params), expected)
         _assert_identical(frozen(params), expected)
+
+
+def test_gradient_calls_are_replayed_without_recording_again():
+    """The Jacobian record passes through the frozen forward and VJP; its row layout is compared by
+    value, so calls after the first of a batch size replay both (a layout compared by identity
+    would record anew on every call)."""
+    frozen = Propagator(SolenoidField(2.0, 1200.0, 3000.0, requires_grad=True), GRADIENT_LAYERS, stepper=RK4(10.0),
+                        trainable_positions=True)
+    counts = []
+    for n in (20, 50, 20, 50):
+        frozen(_params(n, seed=n).requires_grad_()).local.square().sum().backward()
+        kernels = next(reversed(prop_module._FROZEN.values()))
+        counts.append((kernels.forward.n_recordings, kernels.vjp.n_recordings))
+    assert counts[2] == counts[3] == counts[1]
+
+
+def test_jacobian_record_keeps_arrays_apart_from_its_layout():
+    """Dr.Jit traverses a record (frozen calls, the torch bridge) at ~1 us per Python leaf: the rows'
+    structural zeros and constants live in one layout object, the record's lists hold arrays only."""
+    from pyhybrid.kernels.propagation import JacobianRecord
+
+    a, b = dr.llvm.ad.Float(1.0, 2.0), dr.llvm.ad.Float(3.0, 4.0)
+    rows = [[a, None, 1.0], [None, b, None]]
+    first, second = JacobianRecord(n_field=1), JacobianRecord(n_field=1)
+    first.append(dr.llvm.ad.Bool(True, False), rows)
+    second.append(dr.llvm.ad.Bool(True, True), [[b, None, 1.0], [None, a, None]])
+    assert all(x is y for got, row in zip(first.rows(0), rows) for x, y in zip(got, row))
+    assert first.tangents == [[a, b]]
+    assert first.layout == second.layout and hash(first.layout) == hash(second.layout)
+    assert len(dr.detail.collect_indices(first)) == 3  # hit mask + two tangents

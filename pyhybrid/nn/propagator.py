@@ -540,17 +540,18 @@ def _n_tracks(types, n: int):
 
 
 def _vjp_sums(n_layers: int, record, grad_free, grad_local, grad_path, n_tracks):
-    """J^T g: per-lane gradients of the 8 initial parameters and the lane sums of the field, position
-    and thickness gradients (each a list of 1-lane arrays)."""
+    """J^T g: per-lane gradients of the 8 initial parameters, and one array with the lane sums of
+    the field, position and thickness gradients (n_field + 2 L entries, in that order: one array
+    to hand to torch instead of a 1-lane array each)."""
     tracks = dict(lanes=dr.arange(type(n_tracks), dr.width(record.direction_norm)), n_tracks=n_tracks)
     per_layer_free = kprop.layer_columns(grad_free, n_layers, 8, **tracks)
     per_layer_local = kprop.layer_columns(grad_local, n_layers, 2, **tracks)
     per_layer_path = [c[0] for c in kprop.layer_columns(grad_path, n_layers, 1, **tracks)]
     initial, field, positions, thickness = kprop.layers_vjp(record, per_layer_free, per_layer_local,
                                                             per_layer_path)
-    sums = [[dr.sum(a) for a in arrays] for arrays in (field, positions, thickness)]
+    sums = kprop.row_major([dr.sum(a) for a in (*field, *positions, *thickness)])
     dr.eval(initial, sums)
-    return initial, *sums
+    return initial, sums
 
 
 def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacobian, seed,
@@ -561,12 +562,9 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacob
                             layer_gradient)
     vjp = _frozen(config).vjp if _freezable(freeze, options) else partial(_vjp_sums, len(layers))
     norm = record.direction_norm  # one lane per track
-    initial, *sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(norm), dr.width(norm)))
-
-    def stacked(arrays):
-        return torch.cat([a.torch() for a in arrays])
-
-    grads = [tuple(initial), *(stacked(s) for s in sums)]
+    initial, sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(norm), dr.width(norm)))
+    n_layers = len(layers)
+    grads = [tuple(initial), *torch.split(sums.torch(), [dr.width(sums) - 2 * n_layers, n_layers, n_layers])]
     if with_covariance:
         grads.append(None)
     return tuple(grads)

@@ -48,8 +48,9 @@ class KernelTypes:
     """Dr.Jit types of one backend (``device``) and floating precision.
 
     ``Float`` is the differentiable floating type of the chosen precision;
-    ``Array3`` is a 3-vector of ``Float``; ``PCG32`` the per-lane random
-    generator; ``UInt32``/``Int32``/``Bool`` the matching integer and mask types.
+    ``Array3`` is a 3-vector of ``Float``; ``ArrayX`` a vector of a run-time number
+    of ``Float`` arrays (packet gathers/scatters of whole rows, ravel); ``PCG32`` the
+    per-lane random generator; ``UInt32``/``Int32``/``Bool`` the matching integer and mask types.
     """
 
     device: str
@@ -65,6 +66,10 @@ class KernelTypes:
     @property
     def is_double(self) -> bool:
         return self.precision == "float64"
+
+    @property
+    def ArrayX(self) -> type:
+        return self.module.ArrayXf64 if self.is_double else self.module.ArrayXf
 
     def uniform(self, rng) -> "object":
         """Next uniform number in [0, 1) from ``rng`` in this precision."""

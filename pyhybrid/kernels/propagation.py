@@ -685,7 +685,6 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     column_a, column_thickness = 8 + n_field, 9 + n_field
     particle = options.particle
     derivatives = jacobian or covariance is not None
-    ArrayX = _dynamic_vector_type(types)
 
     # Layer parameters as memory (an array built from Python floats may be compiled in as constants).
     positions, thickness = types.Float(positions), types.Float(thickness)
@@ -757,7 +756,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local],
                    [path_total + dm.value(path)], [zero + 1.0])
         for target_rows, values in zip(rows, outputs):
-            dr.scatter(target_rows, ArrayX([dr.select(hit, v, 0.0) for v in values]), row)
+            dr.scatter(target_rows, types.ArrayX([dr.select(hit, v, 0.0) for v in values]), row)
 
         if cov is not None:
             cov = _transport_covariance(cov, surface_state, after_state, local, interaction, options, hit,
@@ -776,14 +775,9 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     return hits
 
 
-def _dynamic_vector_type(types: KernelTypes) -> type:
-    """Dr.Jit's vector of a run-time number of ``types.Float`` arrays (nested scatters, ravel)."""
-    return getattr(types.module, "ArrayXf64" if types.is_double else "ArrayXf")
-
-
 def row_major(columns: list):
     """k arrays of N lanes -> one flat array in row-major (N, k) order (one kernel)."""
-    return dr.ravel(_dynamic_vector_type(types_of(columns[0]))(columns))
+    return dr.ravel(types_of(columns[0]).ArrayX(columns))
 
 
 def _tangents(x, n_columns: int) -> list:

@@ -197,11 +197,6 @@ def _rambo_kernel(sqrt_s, masses, *, n_events, n_out, seed):
     return [_full_width(c, like) for v in vectors for c in v.columns()], _full_width(weight, like)
 
 
-def _row_type(types):
-    """Dynamically sized vector type: one (N, k) row per lane, k = its number of columns."""
-    return types.module.ArrayXf64 if types.is_double else types.module.ArrayXf
-
-
 def _four_vector_columns(flat, n_vectors: int) -> tuple:
     """Flat (N * n_vectors * 4) array in (N, n_vectors, 4) layout -> 4 n_vectors columns of N lanes.
 
@@ -210,7 +205,7 @@ def _four_vector_columns(flat, n_vectors: int) -> tuple:
     types = types_of(flat)
     k = 4 * n_vectors
     n = dr.width(flat) // k
-    rows = dr.gather(_row_type(types), flat, dr.arange(types.UInt32, n), shape=(k, n))
+    rows = dr.gather(types.ArrayX, flat, dr.arange(types.UInt32, n), shape=(k, n))
     return tuple(rows[j] for j in range(k))
 
 
@@ -222,7 +217,7 @@ def _interleave_four_vectors(columns) -> object:
     types = types_of(columns[0])
     n = dr.width(columns[0])
     flat = dr.empty(types.Float, n * len(columns))
-    dr.scatter(flat, _row_type(types)(columns), dr.arange(types.UInt32, n))
+    dr.scatter(flat, types.ArrayX(columns), dr.arange(types.UInt32, n))
     return flat
 
 

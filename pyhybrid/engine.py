@@ -17,6 +17,7 @@ gradient is summed over lanes, as for a broadcast parameter in torch).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -153,12 +154,19 @@ class _Owners:
 
     def __init__(self, tensors, saved=None):
         self.tensors = [t for t in tensors if t is not None]
-        self.saved = None if saved is None else {i & 0xFFFFFFFF for i in dr.detail.collect_indices(saved)}
+        self._saved = saved
         self.handed: list[torch.Tensor] = []
+
+    @functools.cached_property
+    def saved_indices(self) -> set:
+        """JIT indices of the arrays in ``saved`` (collected when first needed: never on CUDA)."""
+        if self._saved is None:
+            return set()
+        return {i & 0xFFFFFFFF for i in dr.detail.collect_indices(self._saved)}
 
     def hand_over(self, array) -> torch.Tensor:
         out = array.torch()
-        if out.device.type != "cpu" or (self.saved is not None and array.index in self.saved) or any(
+        if out.device.type != "cpu" or array.index in self.saved_indices or any(
                 _overlap(out, t) for t in self.tensors + self.handed):
             out = out.clone()
         self.handed.append(out)

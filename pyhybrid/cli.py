@@ -125,12 +125,12 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
     harness.plot(rows, png_path)
     table = Table(title="pyhybrid bench (median of repeats)")
     for column in ("case", "device", "precision", "backend", "threads", "rate", "x torch eager",
-                   "MB: calls / peak RSS | GPU peak"):
+                   "MB: calls / peak (RSS | GPU)"):
         table.add_column(column)
     for r in rows:
         ratio = "-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.1f}"
-        memory = r["cuda_peak_mb"] if r["device"] == "cuda" else (
-            f"{r['calls_rss_mb']} / {r['peak_rss_mb']}" if "calls_rss_mb" in r else r["peak_rss_mb"])
+        calls, peak = ("cuda_calls_mb", "cuda_peak_mb") if r["device"] == "cuda" else ("calls_rss_mb", "peak_rss_mb")
+        memory = f"{r[calls]} / {r[peak]}" if calls in r else r[peak]
         table.add_row(r["case"], r["device"], r["precision"], r["backend"], str(r["threads"] or "-"),
                       f"{r['rate']:.3g} {r['unit']}/s", ratio, str(memory))
     # Wide enough for the case names when the output is not a terminal (rich would assume 80 columns).

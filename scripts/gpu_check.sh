@@ -11,7 +11,9 @@
 # is optional: when the machine has no libLLVM, .llvm/libLLVM.so.19.1.xz and .llvm/deps.tar.xz
 # (libLLVM 19 and the libraries it links, from a Debian 12 machine) are unpacked if present;
 # without them the CPU-vs-CUDA comparisons are skipped. Every phase has its own time limit
-# so that a slow phase cannot eat the others; logs and one JSON per benchmark topic go to $OUT.
+# so that a slow phase cannot eat the others, cut to what is left of DEADLINE_S seconds (from
+# the start of the script; phases that would get under 20 s are skipped) where that is set;
+# logs and one JSON per benchmark topic go to $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -20,6 +22,12 @@ LOG="$OUT/log.txt"
 export PYTHONUNBUFFERED=1
 
 phase() { echo; echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
+
+STARTED=$(date +%s)
+limit() {  # limit SECONDS: the phase's own limit, cut to what is left of DEADLINE_S
+    local left=$(( ${DEADLINE_S:-100000} - ($(date +%s) - STARTED) ))
+    echo $(( $1 < left ? $1 : left ))
+}
 
 phase setup
 if ! python3 -c "import drjit" 2>/dev/null; then
@@ -49,8 +57,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 timeout 60 python3 -m pyhybrid.cli info 2>&1 | tee -a "$LOG"
 
 bench() {  # bench NAME SECONDS ARGS...: one topic, its JSON copied to $OUT as soon as it exists
-    local name=$1 seconds=$2
+    local name=$1 seconds
+    seconds=$(limit "$2")
     shift 2
+    [ "$seconds" -ge 20 ] || { echo "bench $name: skipped, DEADLINE_S reached" | tee -a "$LOG"; return; }
     phase "bench $name"
     timeout "$seconds" python3 -m pyhybrid.cli bench --device cuda --repeats 3 -o "/tmp/bench-$name" "$@" 2>&1 \
         | tee -a "$LOG"
@@ -61,7 +71,7 @@ run_phase() {
     case $1 in
     tests)
         phase "tests (CUDA)"
-        timeout 170 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_engine.py \
+        timeout "$(limit 170)" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_engine.py \
             tests/test_calorimeter.py::test_cuda_matches_cpu 2>&1 | tee -a "$LOG" ;;
     propagate-forward)
         bench "$1" 60 --precision float32 --precision float64 --case propagate-rk4-forward ;;
@@ -82,7 +92,7 @@ run_phase() {
 }
 
 # phases to run (default: all), e.g. `bash scripts/gpu_check.sh tests propagate-gradient`
-for name in "${@:-tests propagate-forward propagate-gradient shower me calorimeter}"; do
+for name in "${@:-tests propagate-forward propagate-gradient calorimeter me shower}"; do
     for one in $name; do run_phase "$one"; done
 done
 phase done

@@ -261,3 +261,21 @@ def test_cli_runs_on_cuda(tmp_path, kernel, options):
     result = CliRunner().invoke(main, ["run", kernel, *options, "--device", "cuda", "-o", str(path)])
     assert result.exit_code == 0, result.output
     assert read_events(str(path)).n_events > 0
+
+
+@needs_cuda
+def test_bench_gpu_memory_counts_the_peak_of_the_calls_only():
+    import drjit as dr
+
+    from pyhybrid.bench import harness
+
+    held = torch.ones(64 * 2**20 // 4, device=CUDA)  # set-up data: in the peak, not in the calls'
+    transient = torch.ones(256 * 2**20 // 4, device=CUDA)
+    del transient  # a set-up peak, gone before the calls
+    set_up = harness._reset_cuda_peak()
+    calls = dr.cuda.Float(dr.zeros(dr.cuda.Float, 32 * 2**20 // 4)) + 1.0
+    dr.eval(calls)
+    report = harness._cuda_memory_report(set_up)
+    assert 31 <= report["cuda_calls_mb"] < 100, report
+    assert report["cuda_peak_mb"] >= 64 + 31, report
+    del held, calls

@@ -16,7 +16,8 @@ the first wakes the idle thread pools up). Times are medians over the rounds. Re
 ratio vs torch eager, peak RSS (CPU) and peak GPU memory (torch's allocator +
 Dr.Jit's) of each process; on Linux also ``calls_rss_mb``, the peak RSS of the warm-up and timed
 calls above the RSS after the set-up (the set-up -- interpreter, torch, Dr.Jit, input data -- is
-the same in both processes and would otherwise dominate the peak).
+the same in both processes and would otherwise dominate the peak), and on CUDA likewise
+``cuda_calls_mb``, the calls' GPU peak above the GPU memory held at the end of the set-up.
 """
 from __future__ import annotations
 
@@ -197,6 +198,7 @@ def _serve(spec: dict) -> None:
     device = spec["device"]
     drjit_call, torch_call = case.setup(device, spec["precision"], case.batch_on(device))
     set_up_rss, reset = _status_mb("VmRSS"), _reset_peak_rss()
+    set_up_gpu = _reset_cuda_peak() if device == "cuda" else None
     call = torch_call if spec["backend"] == "torch" else drjit_call
     set_threads = None
     if call is not None and spec["backend"] == "drjit" and device == "cpu":
@@ -214,7 +216,7 @@ def _serve(spec: dict) -> None:
         if message.get("stop"):
             memory = _memory_report(set_up_rss, reset)
             if device == "cuda":
-                memory["cuda_peak_mb"] = _cuda_peak_mb()
+                memory.update(_cuda_memory_report(set_up_gpu))
             reply(**memory)
             return
         if set_threads is not None and message["threads"] is not None:
@@ -235,15 +237,36 @@ def _block_seconds(call: Callable[[], None]) -> float:
     return statistics.median(times[1:] or times)
 
 
-def _cuda_peak_mb() -> float:
-    """GPU memory high-water mark of this process: torch's caching allocator plus Dr.Jit's own
-    (the two peaks are added, an upper bound when they do not coincide)."""
+def _cuda_peak_bytes() -> int:
+    """GPU memory high-water mark since the last :func:`_reset_cuda_peak`: torch's caching allocator
+    plus Dr.Jit's (the two peaks are added, an upper bound when they do not coincide)."""
     import drjit as dr
     import torch
 
     torch_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else 0
-    drjit_peak = dr.detail.malloc_watermark(dr.JitBackend.CUDA)
-    return round((torch_peak + drjit_peak) / 2**20, 1)
+    return torch_peak + dr.detail.malloc_watermark(dr.JitBackend.CUDA)
+
+
+def _reset_cuda_peak() -> int:
+    """Restart both GPU allocators' peak counts at their current use, which is returned [bytes].
+    Dr.Jit counts its allocation cache as in use: emptied first, so that what the calls allocate
+    counts as theirs."""
+    import drjit as dr
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dr.sync_thread()
+    dr.flush_malloc_cache()
+    dr.detail.malloc_clear_statistics()
+    return _cuda_peak_bytes()
+
+
+def _cuda_memory_report(set_up_bytes: int) -> dict:
+    """GPU peak of the calls [MB]: ``cuda_peak_mb`` with the set-up's data, ``cuda_calls_mb`` above it."""
+    peak = _cuda_peak_bytes()
+    return {"cuda_peak_mb": round(peak / 2**20, 1), "cuda_calls_mb": round((peak - set_up_bytes) / 2**20, 1)}
 
 
 def _row(case: BenchCase, device, precision, backend, threads, seconds) -> dict:

@@ -82,7 +82,7 @@ run_phase() {
         bench "$1" 60 --precision float32 --case shower-observables --case shower-gradient-score-function \
             --case shower-gradient-stochastic-ad ;;
     me)
-        bench "$1" 60 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
+        bench "$1" 150 --precision float32 --case me-ee_mumu-forward --case me-ee_mumu-grad-all \
             --case me-gg_tt-forward --case me-gg_tt-grad-params --case me-gg_tt-grad-all ;;
     calorimeter)
         bench "$1" 90 --precision float32 --case calorimeter-showers --case calorimeter-showers-grad \

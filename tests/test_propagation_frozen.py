@@ -217,3 +217,47 @@ def test_jacobian_record_keeps_arrays_apart_from_its_layout():
     assert first.tangents == [[a, b]]
     assert first.layout == second.layout and hash(first.layout) == hash(second.layout)
     assert len(dr.detail.collect_indices(first)) == 3  # hit mask + two tangents
+
+
+def test_kernel_output_rows_are_sized_from_the_track_arrays_when_recorded():
+    """propagate_layers under the user's own dr.freeze: correct for a new N without recording again,
+    and a clear error where the rows could not be sized from the tracks (a literal column)."""
+    from drjit.llvm import Float, UInt32
+
+    from pyhybrid.kernels import propagation as kprop
+    from pyhybrid.kernels.fields import UniformField as KernelUniformField
+    from pyhybrid.kernels.surfaces import Cylinder
+
+    layers = [kprop.Layer(Cylinder(half_length=1000.0)) for _ in range(2)]
+    options = kprop.PropagationOptions(stepper=kprop.RK4(20.0), scattering="none")
+
+    radii, thickness, b = Float(100.0, 300.0), Float(0.0, 0.0), [dr.opaque(Float, v) for v in (0.0, 0.0, 2.0)]
+
+    def run(x, y, z, t, tx, ty, tz, qop, n_tracks):  # every array it reads is an argument (dr.freeze)
+        params = kprop.FreeParameters((x, y, z), t, (tx, ty, tz), qop)
+        hits = kprop.propagate_layers(params, KernelUniformField(*b), layers, radii, thickness, options,
+                                      n_tracks=n_tracks)
+        return hits.local_rows, hits.valid_rows
+
+    frozen = dr.freeze(run)
+
+    def tracks(n):
+        phi = dr.arange(Float, n) * (6.0 / n)
+        columns = [0.01 * phi, 0.02 * phi, 0.03 * phi, 0.04 * phi, dr.cos(phi), dr.sin(phi), 0.1 * phi, 0.2 + 0.01 * phi]
+        dr.eval(columns)  # arrays of n lanes
+        return columns
+
+    for n in (50, 20, 80):
+        columns = tracks(n)
+        n_tracks = dr.opaque(UInt32, n)
+        local, valid = frozen(*columns, n_tracks)
+        local_traced, valid_traced = run(*columns, n_tracks)
+        assert dr.width(local) == 2 * 2 * n
+        assert dr.all(local == local_traced) and dr.all(valid == valid_traced) and dr.all(valid == 1.0)
+    assert frozen.n_recordings == 1
+
+    literal_time = tracks(30)
+    literal_time[3] = dr.zeros(Float, 30)
+    with pytest.raises(RuntimeError) as error:  # dr.freeze reports the ValueError as the cause of its own
+        dr.freeze(run)(*literal_time, dr.opaque(UInt32, 30))
+    assert isinstance(error.value.__cause__, ValueError) and "not literals" in str(error.value.__cause__)

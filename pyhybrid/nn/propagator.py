@@ -447,14 +447,10 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
     unless ``freeze`` is False or the scattering is sampled (the seed would be part of the recording)."""
     types = types_of(field_params)
     n = dr.width(params[0])
-    # The output rows are allocated here, outside a frozen function: an allocation recorded inside
-    # one keeps its recorded size when the function is replayed for another number of tracks.
-    rows = kprop.output_rows(types, n, len(layers))
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient,
                             layer_gradient)
     covariance = list(covariance) if with_covariance else None
-    arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), rows,
-              _n_tracks(types, n))
+    arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), _n_tracks(types, n))
     if _freezable(freeze, options):
         outputs, record = _frozen(config).forward(*arrays)
     else:
@@ -479,7 +475,7 @@ class _Configuration:
 
 
 def _propagate(config: _Configuration, field: KernelField, seed, params, field_params, positions, thickness,
-               covariance, field_values, rows, n_tracks):
+               covariance, field_values, n_tracks):
     state = kprop.FreeParameters.from_columns(params)
     initial_cov = None
     if config.with_covariance:
@@ -487,8 +483,7 @@ def _propagate(config: _Configuration, field: KernelField, seed, params, field_p
     hits = kprop.propagate_layers(state, field.build(field_params, field_values), config.layers, positions,
                                   thickness, config.options, jacobian=config.jacobian, covariance=initial_cov,
                                   seed=seed, field_gradient=config.field_gradient,
-                                  layer_gradient=config.layer_gradient, rows=rows,
-                                  n_tracks=n_tracks)
+                                  layer_gradient=config.layer_gradient, n_tracks=n_tracks)
     outputs = [hits.free_rows, hits.local_rows, hits.path_rows, hits.valid_rows]
     if config.with_covariance:  # as columns (N lanes each)
         outputs.append([c for layer in hits.covariance for row in layer for c in row])
@@ -502,7 +497,7 @@ class _FrozenPropagation:
     tracks) without Python tracing.
 
     Safe because everything the trace depends on is either an input (track parameters, field
-    parameters, grid values, layer positions and thicknesses, the output rows and N; for the VJP the
+    parameters, grid values, layer positions and thicknesses, and N; for the VJP the
     Jacobian record, the output gradients and N) or part of ``config``; sizes inside derive from the
     inputs' widths and no Python value is read back from an array. ``dr.freeze`` itself re-records
     for a new input layout (precision, or N equal to 1 or to another input's size).
@@ -511,8 +506,7 @@ class _FrozenPropagation:
     def __init__(self, config: _Configuration):
         field = KernelField(*config.field)
         n_layers = len(config.layers)
-        # auto_opaque=False: the uninitialised output rows would otherwise be recorded anew for every N
-        self.forward = dr.freeze(lambda *arrays: _propagate(config, field, 0, *arrays), limit=8, auto_opaque=False)
+        self.forward = dr.freeze(lambda *arrays: _propagate(config, field, 0, *arrays), limit=8)
         self.vjp = dr.freeze(lambda *arrays: _vjp_sums(n_layers, *arrays), limit=8)
 
 

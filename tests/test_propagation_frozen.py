@@ -218,6 +218,12 @@ def test_jacobian_record_keeps_arrays_apart_from_its_layout():
     assert first.layout == second.layout and hash(first.layout) == hash(second.layout)
     assert len(dr.detail.collect_indices(first)) == 3  # hit mask + two tangents
 
+    # An array given twice (the position rows before and after the material) is stored once.
+    shared = JacobianRecord(n_field=1)
+    shared.append(dr.llvm.ad.Bool(True, False), [[a, b], [a, None], [None, b]])
+    assert shared.tangents == [[a, b]]
+    assert [[x is a, y is b] for x, y in shared.rows(0)] == [[True, True], [True, False], [False, True]]
+
 
 def test_kernel_output_rows_are_sized_from_the_track_arrays_when_recorded():
     """propagate_layers under the user's own dr.freeze: correct for a new N without recording again,

@@ -561,14 +561,19 @@ class JacobianRecord:
     direction_norm: object = None
 
     def append(self, hit, rows: list) -> None:
-        """Add a layer: its hit mask and tangent rows (lists over columns of array, float or None)."""
-        arrays, layout = [], []
+        """Add a layer: its hit mask and tangent rows (lists over columns of array, float or None).
+        An array given more than once (the position and time rows before and after the material
+        are the same arrays) is stored once: each stored array costs Dr.Jit a traversal step in
+        every frozen call and bridge check that it passes."""
+        arrays, layout, stored = [], [], {}
         for row in rows:
             entries = []
             for t in row:
                 if _is_array(t):
-                    entries.append(len(arrays))
-                    arrays.append(t)
+                    if id(t) not in stored:
+                        stored[id(t)] = len(arrays)
+                        arrays.append(t)
+                    entries.append(stored[id(t)])
                 else:
                     entries.append(None if t is None else float(t))
             layout.append(tuple(entries))

@@ -74,7 +74,7 @@ def test_frozen_equals_traced_for_changing_batch_sizes(setup, dtype):
         n_layers = len(layers)
         frozen, traced = _pair(SolenoidField(2.0, 1200.0, 1500.0, requires_grad=True), layers, stepper=RK4(10.0))
     recordings = []
-    for n in [200, 37, 1, n_layers, 130, 200]:  # 1 track and N = L are recorded anew (dr.freeze's rules)
+    for n in [600, 37, 1, n_layers, 130, 600]:  # 1 track and N = L are recorded anew (dr.freeze's rules)
         params = _params(n, dtype, seed=n)
         cov = None
         if setup == "covariance":
@@ -102,7 +102,7 @@ def test_frozen_gradients_equal_traced_gradients():
     dtype = torch.float64
     frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0, requires_grad=True), GRADIENT_LAYERS,
                            stepper=RK4(10.0), trainable_positions=True, trainable_thickness=True)
-    for n in (20, 50, 20):
+    for n in (20, 300, 20):  # 300: more than one window of lanes (coherent_lanes)
         grads = []
         for prop in (frozen, traced):
             params = [_params(n, dtype, seed=n).requires_grad_() for _ in range(2)]

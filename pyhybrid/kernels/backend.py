@@ -79,15 +79,19 @@ class KernelTypes:
         """Next standard-normal number from ``rng`` in this precision."""
         return rng.next_float64_normal() if self.is_double else rng.next_float32_normal()
 
-    def rng(self, n: int, seed: int, stream: int = 0):
+    def rng(self, n: int, seed: int, stream: int = 0, lane=None):
         """One PCG32 generator per lane, seeded from (seed, lane index).
 
         Lanes are independent streams; the same (n, seed, stream) reproduces
-        the same numbers on the CPU backend.
+        the same numbers on the CPU backend. ``lane``: the index each lane is seeded
+        with (a UInt32 array of n entries; default 0..n-1), e.g. the track a lane runs
+        when the lanes are reordered, so that a track draws the same numbers in any order.
         """
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
-        lane = dr.arange(self.UInt32, n)
+        default_lanes = lane is None
+        if default_lanes:
+            lane = dr.arange(self.UInt32, n)
         # Opaque seeds: a literal would be baked into the kernel, recompiling it for every new seed.
         low = dr.opaque(self.UInt32, seed & 0xFFFFFFFF)
         high = dr.opaque(self.UInt32, (seed >> 32) & 0xFFFFFFFF)
@@ -96,7 +100,13 @@ class KernelTypes:
         salt = stream + 1
         initstate = _mix32(lane ^ _mix32(low + ((0x9E3779B9 * salt) & 0xFFFFFFFF)))
         initseq = _mix32(lane + _mix32(high ^ ((0x85EBCA6B * salt) & 0xFFFFFFFF)))
-        return self.PCG32(size=n, initstate=initstate, initseq=initseq)
+        if default_lanes:
+            return self.PCG32(size=n, initstate=initstate, initseq=initseq)
+        # The constructor adds arange(n) to both seeds; here the lane's own index takes its place.
+        rng = self.PCG32(size=n)
+        UInt64 = dr.uint64_array_t(self.UInt32)
+        rng.seed(UInt64(initstate) + UInt64(lane), UInt64(initseq) + UInt64(lane))
+        return rng
 
 
 def _mix32(x):

@@ -56,7 +56,7 @@ from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
 __all__ = ["Particle", "MUON", "PION", "KAON", "PROTON", "PARTICLES", "FreeParameters", "Layer",
            "PropagationOptions", "SCATTERING_MODES", "TRANSPORT_JACOBIANS", "LayerHits", "JacobianRecord",
            "PathResult", "propagate_path", "propagate_layers", "layers_vjp", "output_rows", "layer_columns",
-           "row_major", "random_tracks",
+           "row_major", "random_tracks", "coherent_lanes", "inverse_permutation", "LANE_WINDOW",
            "FREE_NAMES", "RUNNING", "REACHED", "MISSED"]
 
 RUNNING, REACHED, MISSED = 0, 1, 2
@@ -550,10 +550,13 @@ class JacobianRecord:
     thickness) are those of the 8 free parameters after the material, then of the 8 free
     parameters on the surface, the 2 local coordinates and the segment path length
     (:meth:`rows`); stored as the arrays among them (``tangents[k]``) and their ``layout``.
-    ``direction_norm``: |input direction| (the input is normalised).
+    All of them are per lane: ``lanes`` is the track each lane ran (:func:`coherent_lanes`),
+    ``inverse`` the lane of each track. ``direction_norm``: |input direction| (the input is normalised).
     """
 
     n_field: int
+    lanes: object = None
+    inverse: object = None
     hit: list = dataclass_field(default_factory=list)
     tangents: list = dataclass_field(default_factory=list)
     layout: RowLayout = dataclass_field(default_factory=RowLayout)
@@ -690,11 +693,14 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
 
     One kernel per layer: the stepping loop, the surface, the material and the outputs of the
     layer (written into their rows) are compiled together, so the loop state never goes to memory.
+    The lanes run the tracks in the order of :func:`coherent_lanes`; outputs are in track order.
     """
     types = types_of(params.qop)
     n = dr.width(params.qop)
     for v in params.columns():
         n = max(n, dr.width(v))
+    lanes = coherent_lanes(params.direction, n)
+    params = FreeParameters.from_columns([_in_lane_order(v, lanes, n) for v in params.columns()])
     n_layers = len(layers)
     zero = dr.zeros(types.Float, n)
     n_field = len(field.names)
@@ -718,12 +724,15 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     # width on replay, while literals take the width of the kernels they are compiled into.)
     if not recording:
         dr.make_opaque(alive, path_total)
-    record = JacobianRecord(n_field, direction=state.direction, direction_norm=norm + zero) if jacobian else None
-    cov = [[covariance[i][j] + zero for j in range(8)] for i in range(8)] if covariance is not None else None
+    inverse = inverse_permutation(lanes) if derivatives else None
+    record = JacobianRecord(n_field, lanes, inverse, direction=state.direction,
+                            direction_norm=norm + zero) if jacobian else None
+    cov = None
+    if covariance is not None:
+        cov = [[_in_lane_order(covariance[i][j], lanes, n) + zero for j in range(8)] for i in range(8)]
     rows = output_rows(types, n, n_layers, like=state.columns()[:4] if recording else None)
     hits = LayerHits(n_layers, *rows, covariance=[] if cov is not None else None,
                      local_covariance=[] if cov is not None else None, record=record)
-    track = dr.arange(types.UInt32, n)
     layer_stride = n if n_tracks is None else n_tracks  # rows of one layer
 
     for k, layer in enumerate(layers):
@@ -758,7 +767,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         if layer.material is not None:
             deflection = None
             if options.scattering == "sample":
-                rng = types.rng(n, seed, stream=k)
+                rng = types.rng(n, seed, stream=k, lane=lanes)
                 dr.make_opaque(rng)  # the seed must not be compiled into the layer's kernel
                 deflection = (types.normal(rng), types.normal(rng))
             interaction = interact(direction, qop, layer.surface.normal(position), thick_var, layer.material,
@@ -769,7 +778,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
 
         # Outputs of this layer into their rows, zeros where the layer is missed: every entry is written
         # (unmasked packet stores), whatever the rows held before.
-        row = index * layer_stride + track
+        row = index * layer_stride + lanes
         outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local],
                    [path_total + dm.value(path)], [zero + 1.0])
         for target_rows, values in zip(rows, outputs):
@@ -789,7 +798,51 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         if interaction is not None:
             alive = alive & ~(hit & interaction.stopped)
         _evaluate_layer(hits, record, state, path_total, alive, cov)
+    if cov is not None:  # lane order -> track order (gathers that fuse into the kernel that reads them)
+        hits.covariance, hits.local_covariance = (
+            [[[dr.gather(types.Float, c, inverse) for c in row] for row in layer] for layer in per_layer]
+            for per_layer in (hits.covariance, hits.local_covariance))
     return hits
+
+
+# Lanes of one window are reordered among themselves: wider windows group the tracks better but
+# spread the output writes over more memory (10^5 tracks: windows of 64 and 1024 gained less than
+# 256; the whole batch as one window was slower than no reordering).
+LANE_WINDOW = 256
+_LANE_BUCKETS = 16  # of |cos theta|
+
+
+def coherent_lanes(direction, n: int):
+    """The track each lane runs, as a UInt32 array of n entries: within each window of
+    :data:`LANE_WINDOW` consecutive tracks, ordered by |cos theta| (t_z / |t|) in 16 buckets.
+
+    A SIMD packet (GPU warp) steps as long as its slowest track, and the number of steps to the
+    next cylinder (disk) grows with 1 / sin theta (1 / |cos theta|): grouping tracks of similar
+    polar angle keeps the lanes of a packet busy. The order is stable, hence deterministic, and
+    only the lanes change: each track's results are the same bit for bit.
+    """
+    types = types_of(direction[2])
+    tx, ty, tz = direction
+    cos_theta = dr.abs(tz) / dr.sqrt(dr.fma(tx, tx, dr.fma(ty, ty, tz * tz)))
+    cos_theta = dr.select(dr.isfinite(cos_theta), cos_theta, 0.0) + dr.zeros(types.Float, n)
+    bucket = types.UInt32(dr.minimum(cos_theta * _LANE_BUCKETS, _LANE_BUCKETS - 1))
+    # Dr.Jit's stable counting sort per block (the primitive under dr.argsort and dr.switch).
+    return dr.detail.block_mkperm(bucket, LANE_WINDOW, _LANE_BUCKETS)
+
+
+def inverse_permutation(lanes):
+    """The lane of each track (``lanes[inverse[i]] == i``)."""
+    UInt32 = type(lanes)
+    # Written into a kernel output of N entries, every one of which the scatter overwrites: an
+    # allocation would keep its recorded size when a dr.freeze recording is replayed for another N.
+    inverse = dr.gather(UInt32, lanes, lanes)
+    dr.scatter(inverse, dr.arange(UInt32, dr.width(lanes)), lanes)
+    return inverse
+
+
+def _in_lane_order(column, lanes, n: int):
+    """A track column (N entries, or one for all tracks) in lane order."""
+    return column if dr.width(column) == 1 and n != 1 else dr.gather(type(column), column, lanes)
 
 
 def row_major(columns: list):
@@ -848,26 +901,30 @@ def _transport_covariance(cov, surface_state, after_state, local, interaction, o
     return [[dr.select(hit, a, c) for a, c in zip(row_a, row_c)] for row_a, row_c in zip(after, cov)]
 
 
-def layers_vjp(record: JacobianRecord, grad_free: list, grad_local: list, grad_path: list):
+def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_tracks=None):
     """Reverse sweep over layers: J^T g for the outputs of :func:`propagate_layers`.
 
-    grad_free[k] (8 arrays), grad_local[k] (2), grad_path[k] (1 array) are the
-    gradients of a scalar loss with respect to the layer outputs. Returns
-    ``(grad_initial, grad_field, grad_positions, grad_thickness)``: 8 per-lane
-    arrays for the initial free parameters (direction: with respect to the
-    un-normalised input), and per-lane contributions for the field parameters
-    (list of n_field arrays) and each layer's position and thickness (lists over
-    layers), to be summed over lanes by the caller.
+    grad_free, grad_local, grad_path: gradients of a scalar loss with respect to the layer outputs,
+    laid out like ``free_rows``, ``local_rows`` and ``path_rows`` of :class:`LayerHits`;
+    ``n_tracks`` as for :func:`propagate_layers` (required under ``dr.freeze``). Returns
+    ``(grad_initial, grad_field, grad_positions, grad_thickness)``: 8 arrays over tracks for the
+    initial free parameters (direction: with respect to the un-normalised input), and per-lane
+    contributions for the field parameters (list of n_field arrays) and each layer's position and
+    thickness (lists over layers), to be summed over lanes by the caller.
     """
     n_field = record.n_field
     n_columns = 8 + n_field + 2
+    n_layers = len(record.hit)
+    in_lane_order = dict(lanes=record.lanes, n_tracks=n_tracks)
+    grad_free = layer_columns(grad_free, n_layers, 8, **in_lane_order)
+    grad_local = layer_columns(grad_local, n_layers, 2, **in_lane_order)
+    grad_path = [c[0] for c in layer_columns(grad_path, n_layers, 1, **in_lane_order)]
     zero = record.direction_norm * 0.0
     adjoint = [dr.zeros(type(zero), dr.width(zero)) for _ in range(8)]  # d loss / d (state after the layer)
     adjoint_path = dr.zeros(type(zero), dr.width(zero))                   # d loss / d (segment path length)
     grad_field = [dr.zeros(type(zero), dr.width(zero)) for _ in range(n_field)]
     if not dr.flag(dr.JitFlag.FreezingScope):  # see propagate_layers
         dr.make_opaque(adjoint, adjoint_path, grad_field)  # every layer's sweep then compiles to the same kernel
-    n_layers = len(record.hit)
     grad_positions, grad_thickness = [zero] * n_layers, [zero] * n_layers
     for k in reversed(range(n_layers)):
         hit = record.hit[k]
@@ -884,11 +941,13 @@ def layers_vjp(record: JacobianRecord, grad_free: list, grad_local: list, grad_p
         grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
         grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
         dr.eval(adjoint, adjoint_path, grad_field, grad_positions[k], grad_thickness[k])
-    # The input direction d is normalised: d T / d d = (I - T T^T) / |d|.
-    t = record.direction
+    # In track order (gathers of evaluated arrays: they fuse into the caller's kernel). The input
+    # direction d is normalised: d T / d d = (I - T T^T) / |d|.
+    adjoint, t, norm = ([dr.gather(type(zero), a, record.inverse) for a in arrays]
+                        for arrays in (adjoint, record.direction, [record.direction_norm]))
     g_t = adjoint[4:7]
     along = dm.dot(t, g_t)
-    adjoint[4:7] = [(g - along * ti) / record.direction_norm for g, ti in zip(g_t, t)]
+    adjoint[4:7] = [(g - along * ti) / norm[0] for g, ti in zip(g_t, t)]
     return adjoint, grad_field, grad_positions, grad_thickness
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field as dataclass_field
-from functools import partial
 from typing import Sequence
 
 import drjit as dr
@@ -516,7 +515,7 @@ class _FrozenPropagation:
         return _propagate(self.config, self.field, 0, *arrays)
 
     def _vjp(self, *arrays):
-        return _vjp_sums(len(self.config.layers), *arrays)
+        return _vjp_sums(*arrays)
 
 
 def _freezable(freeze: bool, options: kprop.PropagationOptions) -> bool:
@@ -542,16 +541,11 @@ def _n_tracks(types, n: int):
     return dr.opaque(types.UInt32, n)
 
 
-def _vjp_sums(n_layers: int, record, grad_free, grad_local, grad_path, n_tracks):
-    """J^T g: per-lane gradients of the 8 initial parameters, and one array with the lane sums of
+def _vjp_sums(record, grad_free, grad_local, grad_path, n_tracks):
+    """J^T g: gradients of the 8 initial parameters (arrays over tracks), and one array with the lane sums of
     the field, position and thickness gradients (n_field + 2 L entries, in that order: one array
     to hand to torch instead of a 1-lane array each)."""
-    tracks = dict(lanes=dr.arange(type(n_tracks), dr.width(record.direction_norm)), n_tracks=n_tracks)
-    per_layer_free = kprop.layer_columns(grad_free, n_layers, 8, **tracks)
-    per_layer_local = kprop.layer_columns(grad_local, n_layers, 2, **tracks)
-    per_layer_path = [c[0] for c in kprop.layer_columns(grad_path, n_layers, 1, **tracks)]
-    initial, field, positions, thickness = kprop.layers_vjp(record, per_layer_free, per_layer_local,
-                                                            per_layer_path)
+    initial, field, positions, thickness = kprop.layers_vjp(record, grad_free, grad_local, grad_path, n_tracks)
     sums = kprop.row_major([dr.sum(a) for a in (*field, *positions, *thickness)])
     dr.eval(initial, sums)
     return initial, sums
@@ -563,7 +557,7 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacob
         raise RuntimeError("Propagator: no Jacobian was recorded in the forward pass (was grad mode off?)")
     config = _Configuration(tuple(layers), options, field.key, jacobian, with_covariance, field_gradient,
                             layer_gradient)
-    vjp = _frozen(config).vjp if _freezable(freeze, options) else partial(_vjp_sums, len(layers))
+    vjp = _frozen(config).vjp if _freezable(freeze, options) else _vjp_sums
     norm = record.direction_norm  # one lane per track
     initial, sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(norm), dr.width(norm)))
     n_layers = len(layers)

@@ -9,7 +9,7 @@ from drjit.llvm import Float64, UInt32
 
 from pyhybrid.kernels import propagation as kprop
 from pyhybrid.kernels.backend import kernel_types
-from pyhybrid.nn.propagator import Propagator, RK4, SolenoidField, barrel, free_parameters
+from pyhybrid.nn.propagator import AdaptiveRKN, DiskLayer, Propagator, RK4, SolenoidField, barrel, free_parameters
 
 N_TRACKS = 600  # two full windows of 256 tracks and a partial one
 
@@ -52,12 +52,15 @@ def _tracks(n):
     return free_parameters(0.05 * torch.randn(n, 3, generator=generator, dtype=torch.float64), momentum, charge)
 
 
-@pytest.mark.parametrize("scattering", ["covariance", "sample"])
-def test_results_do_not_depend_on_the_lane_order(monkeypatch, scattering):
+@pytest.mark.parametrize("scattering, stepper", [("covariance", "rk4"), ("sample", "rk4"), ("covariance", "adaptive")])
+def test_results_do_not_depend_on_the_lane_order(monkeypatch, scattering, stepper):
     """The same call with the lanes in track order (no reordering) gives identical results: bit for bit
     per track, and to rounding for the gradients of the global parameters (sums over the tracks)."""
-    prop = Propagator(SolenoidField(2.0, 1200.0, 3000.0, requires_grad=True),
-                      barrel([50.0, 200.0], half_length=[400.0, 600.0], thickness=0.5), stepper=RK4(20.0),
+    layers = barrel([50.0, 200.0], half_length=[400.0, 600.0], thickness=0.5)
+    if stepper == "adaptive":  # per-lane step sizes, and a disk (steps grow with 1 / |cos theta| there)
+        layers = layers[:1] + [DiskLayer(z=500.0, r_min=20.0, r_max=600.0, thickness=0.5)]
+    prop = Propagator(SolenoidField(2.0, 1200.0, 3000.0, requires_grad=True), layers,
+                      stepper=RK4(20.0) if stepper == "rk4" else AdaptiveRKN(tolerance=1e-4),
                       scattering=scattering, trainable_positions=True, trainable_thickness=True,
                       freeze_kernels=False)
     params = _tracks(N_TRACKS)

@@ -197,6 +197,26 @@ def test_gradcheck_expected_cells():
     assert torch.autograd.gradcheck(cells_of_design, values, eps=1e-6, atol=1e-8, rtol=1e-5, fast_mode=True)
 
 
+def test_vjp_with_the_forward_means_equals_the_recomputing_vjp():
+    """The module keeps the forward's expected cells for its VJP (cell_energies_and_means) instead of
+    computing them again: same cells and the same gradients, bit for bit."""
+    calo = small_calorimeter()
+    types = kernel_types("cpu", "float64")
+    energy, x, y = types.Float(2.0, 30.0, 7.0), types.Float(1.0, 5.0, -2.0), types.Float(-3.0, 2.0, 0.5)
+    design = kernel.Design.from_columns([types.Float(float(v)) for v in calo.design_tensor()[0].detach()])
+    s = calo.segmentation
+    cells, means = kernel.cell_energies_and_means(energy, x, y, design, s, 4)
+    assert all(dr.all(a == b) for a, b in zip(cells, kernel.cell_energies(energy, x, y, design, s, 4)))
+    lanes = dr.width(cells[0])  # one per shower and readout segment
+    cotangents = [(dr.arange(types.Float, lanes) - 5.0) * (0.01 * (k + 1)) for k in range(len(cells))]
+    kept = kernel.cells_vjp(cotangents, energy, x, y, design, s, seed=4, means=means)
+    again = kernel.cells_vjp(cotangents, energy, x, y, design, s, seed=4)
+    for name in ("energy", "impact_x", "impact_y", "z1", "z2"):
+        assert dr.all(kept[name] == again[name]), name
+    assert all(dr.all(a == b) for a, b in zip(kept["design"], again["design"]))
+    assert dr.any(kept["energy"] != 0.0) and any(dr.any(g != 0.0) for g in kept["design"])
+
+
 def test_pathwise_gradient_matches_common_random_number_differences():
     """d/dtheta E[L] for L = mean((E_rec - E)^2 / E): per-seed pathwise gradients equal the central
     differences of the same seed's loss (common random numbers), and their mean over seeds -- the

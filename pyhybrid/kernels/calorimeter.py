@@ -55,7 +55,7 @@ from pyhybrid.kernels.backend import KernelTypes, types_of
 __all__ = ["E_S", "SAMPLING_COEFFICIENT", "Material", "MATERIALS", "Design", "Segmentation", "EffectiveMedium",
            "ProfileDistribution", "effective_medium", "profile_distribution", "fluctuated_profile",
            "radial_profile", "square_fraction", "shower_normals", "cell_normals", "cell_means", "add_fluctuations",
-           "cell_energies", "cells_vjp"]
+           "cell_energies", "cell_energies_and_means", "cells_vjp"]
 
 #: Scale energy E_s = m_e sqrt(4 pi / alpha) [GeV] (Moliere radius R_M = E_s X0 / E_c).
 E_S = 0.0212052
@@ -415,12 +415,20 @@ def cell_energies(energy, impact_x, impact_y, design: Design, segmentation: Segm
     Same inputs and layout as :func:`cell_means`; random numbers from ``seed``
     (streams 0 and 1 of :class:`KernelTypes.rng`), so a call is reproducible.
     """
+    return cell_energies_and_means(energy, impact_x, impact_y, design, segmentation, seed, quadrature_points)[0]
+
+
+def cell_energies_and_means(energy, impact_x, impact_y, design: Design, segmentation: Segmentation, seed: int,
+                            quadrature_points: int = 6) -> tuple[list, list]:
+    """:func:`cell_energies` and the shower's expected cell energies (:func:`cell_means` with its
+    shower-to-shower fluctuations) that they fluctuate around: keep the latter for :func:`cells_vjp`,
+    which otherwise computes them again (the heaviest kernel of a call)."""
     types = types_of(energy)
     n_showers = max(dr.width(a) for a in (energy, impact_x, impact_y))
     z1, z2 = shower_normals(types, n_showers, seed)
     means = cell_means(energy, impact_x, impact_y, design, z1, z2, segmentation, quadrature_points)
     normals = cell_normals(types, n_showers * segmentation.n_segments, segmentation.cells_per_segment, seed)
-    return add_fluctuations(means, design, normals)
+    return add_fluctuations(means, design, normals), means
 
 
 def _leaves(values, types: KernelTypes, block: int, n_lanes: int) -> list:
@@ -449,9 +457,11 @@ def _backward(outputs: list, cotangents: list, leaves: list) -> list:
 
 
 def cells_vjp(grad_cells: list, energy, impact_x, impact_y, design: Design, segmentation: Segmentation,
-              quadrature_points: int = 6, *, seed: int | None = None, normals=None) -> dict:
+              quadrature_points: int = 6, *, seed: int | None = None, normals=None, means=None) -> dict:
     """Vector-Jacobian product of :func:`cell_energies` (``seed`` given) or :func:`cell_means`
     (``normals=(z1, z2)`` given) with cotangents ``grad_cells`` (one array per cell, as the outputs).
+    ``means``: with ``seed``, the expected cells of that call (:func:`cell_energies_and_means`), else
+    computed again here.
 
     Reverse-mode Dr.Jit AD on per-lane copies of every input, so that each adjoint pass is one
     fused kernel without reductions inside: first through the fluctuations (per segment lane),
@@ -468,8 +478,9 @@ def cells_vjp(grad_cells: list, energy, impact_x, impact_y, design: Design, segm
 
     if seed is not None:  # adjoint of add_fluctuations: cotangents of the means, design gradients
         n_segment_lanes = n_showers * segmentation.n_segments
-        means = cell_means(*(dr.detach(types.Float(a)) for a in (energy, impact_x, impact_y)), design,
-                           z1, z2, segmentation, quadrature_points)
+        if means is None:
+            means = cell_means(*(dr.detach(types.Float(a)) for a in (energy, impact_x, impact_y)), design,
+                               z1, z2, segmentation, quadrature_points)
         mean_leaves = _leaves(means, types, 1, n_segment_lanes)
         design_leaves = _leaves(design.columns(), types, 1, n_segment_lanes)
         cells = add_fluctuations(mean_leaves, Design.from_columns(design_leaves),

@@ -32,14 +32,15 @@ MIN_ENERGY = 0.1
 
 def _simulate(energy, impact, design, *, segmentation, seed, quadrature_points):
     x, y = impact
-    cells = kernel.cell_energies(energy, x, y, Design.from_columns(design), segmentation, seed, quadrature_points)
-    return cells, (energy, impact, design)
+    cells, means = kernel.cell_energies_and_means(energy, x, y, Design.from_columns(design), segmentation, seed,
+                                                  quadrature_points)
+    return cells, (energy, impact, design, means)  # the means (evaluated already): the VJP need not recompute them
 
 
 def _simulate_vjp(saved, grad_outputs, needs, *, segmentation, seed, quadrature_points):
-    energy, (x, y), design = saved
+    energy, (x, y), design, means = saved
     grads = kernel.cells_vjp(grad_outputs[0], energy, x, y, Design.from_columns(design), segmentation,
-                             quadrature_points, seed=seed)
+                             quadrature_points, seed=seed, means=means)
     return grads["energy"], (grads["impact_x"], grads["impact_y"]), grads["design"]
 
 

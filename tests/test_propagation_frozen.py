@@ -74,7 +74,8 @@ def test_frozen_equals_traced_for_changing_batch_sizes(setup, dtype):
         n_layers = len(layers)
         frozen, traced = _pair(SolenoidField(2.0, 1200.0, 1500.0, requires_grad=True), layers, stepper=RK4(10.0))
     recordings = []
-    for n in [600, 37, 1, n_layers, 130, 600]:  # 1 track and N = L are recorded anew (dr.freeze's rules)
+    # 1 track and N = L are recorded anew (dr.freeze's rules), as is each class of row capacity (130)
+    for n in [600, 37, 1, n_layers, 130, 600, 140]:
         params = _params(n, dtype, seed=n)
         cov = None
         if setup == "covariance":
@@ -82,8 +83,14 @@ def test_frozen_equals_traced_for_changing_batch_sizes(setup, dtype):
         with torch.no_grad():
             _assert_identical(frozen(params, cov), traced(params, cov))
         recordings.append(_recordings(frozen))
-    # a new batch size and a repeated one are replayed, not recorded again
-    assert recordings[4] == recordings[5] == recordings[3]
+    # a repeated batch size and a new one of the same row capacity (140 like 130) are replayed
+    assert recordings[6] == recordings[5] == recordings[4]
+
+
+def test_row_capacity_classes_leave_at_most_a_fifth_of_the_rows_unused():
+    capacities = [prop_module._row_capacity(n) for n in range(1, 5000)]
+    assert all(n <= c <= max(n, 1.25 * n) for n, c in zip(range(1, 5000), capacities))
+    assert len({prop_module._row_capacity(n) for n in range(1025, 2049)}) == 4  # four classes per factor 2
 
 
 def test_results_of_earlier_calls_are_not_overwritten_by_later_calls():

@@ -600,11 +600,13 @@ class LayerHits:
     contiguous block (track-major rows would spread every layer's writes over the whole array, a
     cache line per track and output, which cost ~15 % of a forward call).
     ``free``, ``local``, ``path``, ``valid`` give them as lists over layers of arrays over tracks.
-    covariance: (when requested) lists over layers of the 8x8 free covariance on the surface;
-    local_covariance: 2x2.
+    The rows may be longer than L*N*width (``capacity`` of :func:`output_rows`); the entries past
+    that are unused. covariance: (when requested) lists over layers of the 8x8 free covariance on
+    the surface; local_covariance: 2x2.
     """
 
     n_layers: int
+    n_tracks: int
     free_rows: object
     local_rows: object
     path_rows: object
@@ -615,27 +617,34 @@ class LayerHits:
 
     @property
     def free(self) -> list:
-        return layer_columns(self.free_rows, self.n_layers, 8)
+        return self._columns(self.free_rows, 8)
 
     @property
     def local(self) -> list:
-        return layer_columns(self.local_rows, self.n_layers, 2)
+        return self._columns(self.local_rows, 2)
 
     @property
     def path(self) -> list:
-        return [c[0] for c in layer_columns(self.path_rows, self.n_layers, 1)]
+        return [c[0] for c in self._columns(self.path_rows, 1)]
 
     @property
     def valid(self) -> list:
-        return [c[0] != 0 for c in layer_columns(self.valid_rows, self.n_layers, 1)]
+        return [c[0] != 0 for c in self._columns(self.valid_rows, 1)]
+
+    def _columns(self, rows, width: int) -> list:
+        lanes = dr.arange(dr.uint32_array_t(type(rows)), self.n_tracks)
+        return layer_columns(rows, self.n_layers, width, lanes=lanes, n_tracks=self.n_tracks)
 
 
-def output_rows(types: KernelTypes, n: int, n_layers: int, *, like=None) -> list:
+def output_rows(types: KernelTypes, n: int, n_layers: int, *, like=None, capacity: int | None = None) -> list:
     """Arrays of L*N*8, L*N*2, L*N and L*N entries for the outputs of :func:`propagate_layers`,
     which writes every entry: their contents are undefined.
 
     Outside a ``dr.freeze`` recording they are allocated uninitialised (no zero-fill: 4 ms per
-    100 000 tracks). Inside one pass ``like``, four evaluated arrays of N lanes (distinct: equal
+    100 000 tracks). Inside one, either pass ``capacity``, an int >= N: the rows are then allocated
+    uninitialised for that many tracks, an allocation that keeps this size when the recording is
+    replayed for any N up to it (the layers use the first L*N*width entries); or pass
+    ``like``, four evaluated arrays of N lanes (distinct: equal
     expressions would be merged into one array): each output is then made by a kernel that reads
     one of them, since Dr.Jit sizes a replayed kernel from the arrays it reads, whereas an
     allocation or index range of the recording's own keeps its recorded size when replayed for
@@ -643,7 +652,9 @@ def output_rows(types: KernelTypes, n: int, n_layers: int, *, like=None) -> list
     in as inputs were copied on every replay first (copy-on-write: the recording holds a
     reference too), 10-17 ms per 100 000 tracks on 2 cores, against ~6 ms for these kernels.
     """
-    sizes = [n * n_layers * width for width in (8, 2, 1, 1)]
+    if capacity is not None and capacity < n:
+        raise ValueError(f"capacity ({capacity}) must be at least the number of tracks ({n})")
+    sizes = [(n if capacity is None else capacity) * n_layers * width for width in (8, 2, 1, 1)]
     if like is None:
         rows = [dr.empty(types.Float, size) for size in sizes]
     else:
@@ -676,7 +687,7 @@ def layer_columns(rows, n_layers: int, width: int, *, lanes=None, n_tracks=None)
 def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], positions, thickness,
                      options: PropagationOptions, *, jacobian: bool = False, covariance=None,
                      seed: int = 0, field_gradient: bool = True, layer_gradient: bool = True,
-                     n_tracks=None) -> LayerHits:
+                     n_tracks=None, capacity: int | None = None) -> LayerHits:
     """Propagate tracks through ``layers`` in order (see the module docstring).
 
     positions, thickness: arrays with one entry per layer (surface position
@@ -689,7 +700,9 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     fifth of the Jacobian record).
     ``n_tracks``: N as a 1-lane UInt32 array, required when the call is recorded with ``dr.freeze``
     (the layer-major output rows are addressed with it; a Python int would be compiled into the
-    recording; see :func:`layer_columns` and :func:`output_rows`).
+    recording; see :func:`layer_columns` and :func:`output_rows`). ``capacity``: inside a
+    recording, allocate the output rows for this many tracks (an int >= N, see :func:`output_rows`)
+    instead of sizing them from the tracks with fill kernels.
 
     One kernel per layer: the stepping loop, the surface, the material and the outputs of the
     layer (written into their rows) are compiled together, so the loop state never goes to memory.
@@ -730,8 +743,9 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     cov = None
     if covariance is not None:
         cov = [[_in_lane_order(covariance[i][j], lanes, n) + zero for j in range(8)] for i in range(8)]
-    rows = output_rows(types, n, n_layers, like=state.columns()[:4] if recording else None)
-    hits = LayerHits(n_layers, *rows, covariance=[] if cov is not None else None,
+    sized_from_tracks = recording and capacity is None
+    rows = output_rows(types, n, n_layers, like=state.columns()[:4] if sized_from_tracks else None, capacity=capacity)
+    hits = LayerHits(n_layers, n, *rows, covariance=[] if cov is not None else None,
                      local_covariance=[] if cov is not None else None, record=record)
     layer_stride = n if n_tracks is None else n_tracks  # rows of one layer
 

@@ -431,7 +431,8 @@ class Propagator(nn.Module):
         n, n_layers = params.shape[0], self.n_layers
 
         def per_track(rows, *width):  # the kernels write layer-major rows: (L, N, ...) -> (N, L, ...) view
-            return rows.view(n_layers, n, *width).transpose(0, 1)
+            used = n_layers * n * math.prod(width)  # frozen kernels allocate rows for a few more tracks
+            return rows[:used].view(n_layers, n, *width).transpose(0, 1)
 
         result = PropagationResult(free=per_track(outputs[0], 8), local=per_track(outputs[1], 2),
                                    path_length=per_track(outputs[2]), valid=per_track(outputs[3].detach()) > 0.5)
@@ -453,7 +454,7 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
     covariance = list(covariance) if with_covariance else None
     arrays = (list(params), field_params, positions, thickness, covariance, list(field.values), _n_tracks(types, n))
     if _freezable(freeze, options):
-        outputs, record = _frozen(config).forward(*arrays)
+        outputs, record = _frozen(config).forward(*arrays, _row_capacity(n))
     else:
         outputs, record = _propagate(config, field, seed, *arrays)
     if with_covariance:  # (N, L*64) and (N, L*4) rows: sized like the output rows, so made here too
@@ -476,7 +477,7 @@ class _Configuration:
 
 
 def _propagate(config: _Configuration, field: KernelField, seed, params, field_params, positions, thickness,
-               covariance, field_values, n_tracks):
+               covariance, field_values, n_tracks, capacity=None):
     state = kprop.FreeParameters.from_columns(params)
     initial_cov = None
     if config.with_covariance:
@@ -484,7 +485,7 @@ def _propagate(config: _Configuration, field: KernelField, seed, params, field_p
     hits = kprop.propagate_layers(state, field.build(field_params, field_values), config.layers, positions,
                                   thickness, config.options, jacobian=config.jacobian, covariance=initial_cov,
                                   seed=seed, field_gradient=config.field_gradient,
-                                  layer_gradient=config.layer_gradient, n_tracks=n_tracks)
+                                  layer_gradient=config.layer_gradient, n_tracks=n_tracks, capacity=capacity)
     outputs = [hits.free_rows, hits.local_rows, hits.path_rows, hits.valid_rows]
     if config.with_covariance:  # as columns (N lanes each)
         outputs.append([c for layer in hits.covariance for row in layer for c in row])
@@ -508,8 +509,10 @@ class _FrozenPropagation:
         self.config, self.field = config, KernelField(*config.field)
         # Bound methods, not closures: dr.freeze walks the values a closure captures on every call
         # (the configuration: ~50 dataclasses, ~0.5 ms), while the instance is not traversed.
-        self.forward = dr.freeze(self._forward, limit=8)
-        self.vjp = dr.freeze(self._vjp, limit=8)
+        # Recordings per input layout and row capacity (see _row_capacity): batch sizes spanning
+        # a factor 2^5 share 20 of them.
+        self.forward = dr.freeze(self._forward, limit=24)
+        self.vjp = dr.freeze(self._vjp, limit=24)
 
     def _forward(self, *arrays):
         return _propagate(self.config, self.field, 0, *arrays)
@@ -534,6 +537,15 @@ def _frozen(config: _Configuration) -> _FrozenPropagation:
     if len(_FROZEN) > _MAX_FROZEN:
         _FROZEN.popitem(last=False)
     return frozen
+
+
+def _row_capacity(n: int) -> int:
+    """Tracks the frozen kernels allocate output rows for: the smallest m 2^k >= n with m in 4..8.
+    The allocation keeps its recorded size when replayed, so one recording serves a class of batch
+    sizes (four per factor of two) and at most a fifth of the rows goes unused; sizing the rows
+    from the tracks instead costs fill kernels (~7 ms per 100 000 tracks on 2 cores)."""
+    k = max(n.bit_length() - 3, 0)
+    return -(-n // (1 << k)) << k
 
 
 def _n_tracks(types, n: int):

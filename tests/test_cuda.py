@@ -152,6 +152,26 @@ def test_propagator_cuda_equals_cpu_in_float32():
     torch.testing.assert_close(cuda.local.cpu(), cpu.local, atol=2e-3, rtol=1e-4)
 
 
+@needs_cuda
+def test_frozen_propagation_on_cuda_equals_traced_across_batch_sizes():
+    """Frozen kernels on CUDA (lanes in polar-angle order, rows allocated for a capacity class)
+    give the traced results bit for bit, replayed for a new N of the same capacity class."""
+    frozen = _barrel_propagator().to(CUDA)
+    traced = Propagator(SolenoidField(*SOLENOID), barrel(RADII, half_length=HALF_LENGTHS, thickness=0.3),
+                        stepper=RK4(5.0), scattering="none", freeze_kernels=False).to(CUDA)
+    for n in (700, 300, 650):  # 650 and 700 share a row capacity (768)
+        params = _tracks(n, seed=n).to(CUDA)
+        outputs = []
+        for prop in (frozen, traced):
+            p = params.detach().requires_grad_()
+            out = prop(p)
+            (out.local.square().sum() + out.path_length.sum()).backward()
+            outputs.append((out.free.detach(), out.local.detach(), out.valid, p.grad))
+        for a, b in zip(*outputs):
+            assert torch.equal(a, b)
+        assert outputs[0][2].any(dim=0).all()
+
+
 # ------------------------------------------------------------------ matrix elements
 
 @needs_cuda

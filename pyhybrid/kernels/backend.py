@@ -89,8 +89,7 @@ class KernelTypes:
         """
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
-        default_lanes = lane is None
-        if default_lanes:
+        if lane is None:
             lane = dr.arange(self.UInt32, n)
         # Opaque seeds: a literal would be baked into the kernel, recompiling it for every new seed.
         low = dr.opaque(self.UInt32, seed & 0xFFFFFFFF)
@@ -100,9 +99,7 @@ class KernelTypes:
         salt = stream + 1
         initstate = _mix32(lane ^ _mix32(low + ((0x9E3779B9 * salt) & 0xFFFFFFFF)))
         initseq = _mix32(lane + _mix32(high ^ ((0x85EBCA6B * salt) & 0xFFFFFFFF)))
-        if default_lanes:
-            return self.PCG32(size=n, initstate=initstate, initseq=initseq)
-        # The constructor adds arange(n) to both seeds; here the lane's own index takes its place.
+        # Seeded as the constructor seeds (it adds arange(n) to both values), with the lane's index.
         rng = self.PCG32(size=n)
         UInt64 = dr.uint64_array_t(self.UInt32)
         rng.seed(UInt64(initstate) + UInt64(lane), UInt64(initseq) + UInt64(lane))

@@ -512,13 +512,10 @@ class _FrozenPropagation:
         # Recordings per input layout and row capacity (see _row_capacity): batch sizes spanning
         # a factor 2^5 share 20 of them.
         self.forward = dr.freeze(self._forward, limit=24)
-        self.vjp = dr.freeze(self._vjp, limit=24)
+        self.vjp = dr.freeze(_vjp_sums, limit=24)  # needs nothing of the configuration
 
     def _forward(self, *arrays):
         return _propagate(self.config, self.field, 0, *arrays)
-
-    def _vjp(self, *arrays):
-        return _vjp_sums(*arrays)
 
 
 def _freezable(freeze: bool, options: kprop.PropagationOptions) -> bool:

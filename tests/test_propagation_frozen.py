@@ -91,6 +91,11 @@ def test_row_capacity_classes_leave_at_most_a_fifth_of_the_rows_unused():
     capacities = [prop_module._row_capacity(n) for n in range(1, 5000)]
     assert all(n <= c <= max(n, 1.25 * n) for n, c in zip(range(1, 5000), capacities))
     assert len({prop_module._row_capacity(n) for n in range(1025, 2049)}) == 4  # four classes per factor 2
+    from pyhybrid.kernels.backend import kernel_types
+    from pyhybrid.kernels.propagation import output_rows
+
+    with pytest.raises(ValueError, match="capacity"):
+        output_rows(kernel_types("cpu", "float32"), 10, 2, capacity=5)
 
 
 def test_results_of_earlier_calls_are_not_overwritten_by_later_calls():

@@ -5,7 +5,8 @@
 * Zero-copy conversion: :func:`to_drjit` wraps a contiguous torch tensor's
   memory as a flat Dr.Jit array (DLPack), :func:`to_torch` does the reverse.
 * :func:`kernel_function` turns a Dr.Jit kernel into a differentiable torch
-  callable (a ``torch.autograd.Function``). The vector-Jacobian product comes
+  callable (a ``torch.autograd.Function``, differentiable once: a backward pass
+  with ``create_graph=True`` raises instead of dropping second-order terms). The vector-Jacobian product comes
   either from Dr.Jit's reverse-mode AD (the forward is re-run under AD in the
   backward pass, so no graph is kept alive between passes and repeated backward
   calls are exact) or from an adjoint/Jacobian the kernel supplies.
@@ -245,8 +246,13 @@ class _KernelFunction(torch.autograd.Function):
         return results
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            # ``once_differentiable`` is not enough: its error node is pruned when
+            # ``torch.autograd.grad(..., inputs)`` does not need it, and the kernel's part of a
+            # second derivative would silently be missing (zero).
+            raise RuntimeError("pyhybrid kernels are differentiable once: higher-order gradients "
+                               "(backward or autograd.grad with create_graph=True) are not supported")
         call: _Call = ctx.call
         _new_scope(call.types)
         tensors = ctx.saved_tensors
@@ -346,6 +352,8 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
     or no input requires grad, the kernel runs without an autograd node.
     """
 
+    # Dynamo cannot trace into Dr.Jit: under torch.compile the call is a graph break, run eagerly.
+    @torch.compiler.disable
     def apply(*tensors: torch.Tensor, **more_static):
         if not tensors:
             raise ValueError("kernel_function needs at least one tensor input")

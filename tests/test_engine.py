@@ -103,6 +103,30 @@ def test_inputs_without_grad_and_repeated_backward():
 
 
 @pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])
+def test_second_derivatives_raise_instead_of_missing_the_kernels_part(fn):
+    """A gradient taken with create_graph=True must not silently leave out the kernel's second-order
+    terms (torch prunes once_differentiable's error node from autograd.grad(..., inputs))."""
+    state, omega, damping = _inputs()
+    loss = fn(state, omega, damping).pow(2).sum() + state.pow(3).sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, state, create_graph=True)
+    loss = fn(state, omega, damping).sum()  # linear in the output: the incoming gradient is a constant
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, state, create_graph=True)
+
+
+def test_torch_compile_runs_the_kernel_eagerly_with_the_same_values_and_gradients():
+    state, omega, damping = _inputs()
+    compiled = torch.compile(lambda *x: 3.0 * forward_fn(*x).pow(2).sum(), backend="eager")
+    value = compiled(state, omega, damping)
+    grads = torch.autograd.grad(value, (state, omega, damping))
+    expected = 3.0 * forward_fn(state, omega, damping).pow(2).sum()
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, (state, omega, damping))):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])
 def test_without_anything_to_differentiate_no_autograd_node_and_the_same_values(fn):
     """No grad mode, or no input requiring grad: the kernel runs without torch.autograd.Function."""
     state, omega, damping = _inputs()
@@ -233,5 +257,8 @@ def test_rng_is_reproducible_and_lanes_differ():
     c = types.uniform(types.rng(1000, seed=8))
     assert dr.all(a == b)
     assert not dr.all(a == c)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            types.rng(10, seed=bad)
     mean = dr.mean(types.normal(types.rng(100_000, seed=1)))[0]
     assert abs(mean) < 5 / 100_000 ** 0.5

@@ -107,6 +107,11 @@ def test_bad_input_gives_clear_errors(propagator):
     bad[2, 4:7] = 0.0
     with pytest.raises(ValueError, match="direction.*positive length"):
         propagator(bad)
+    for length in (1e20, 1e-25):  # |d|^2 over- or underflows in float32
+        bad = params.float()
+        bad[0, 4:7] *= length
+        with pytest.raises(ValueError, match="direction.*squared length finite in torch.float32"):
+            propagator(bad)
     with pytest.raises(TypeError, match="float32 or torch.float64"):
         propagator(params.to(torch.float16))
     with pytest.raises(ValueError, match=r"covariance must have shape \(4, 8, 8\)"):
@@ -127,6 +132,8 @@ def test_bad_input_gives_clear_errors(propagator):
         RK4(step_size=-1.0)
     with pytest.raises(ValueError, match="layers must contain at least one layer"):
         Propagator(UniformField(), [])
+    from_generator = Propagator(UniformField(), (layer for layer in LAYERS))  # not used up by the checks
+    assert from_generator.n_layers == len(LAYERS)
 
 
 def test_adaptive_stepper_agrees_with_rk4():
@@ -161,6 +168,36 @@ def test_cli_run_writes_hits(tmp_path):
                               "-o", str(again)])
     np.testing.assert_array_equal(read_events(again).fixed["local"], events.fixed["local"])
     assert math.isfinite(float(events.fixed["path_length"].max()))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--bfield", "nan"], "--bfield"),
+    (["--disks", "800,1300"], "beyond the barrel"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["-o", "/no/such/directory/hits.h5"], "does not exist"),
+])
+def test_cli_rejects_bad_arguments_before_running(arguments, message):
+    result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "10", *arguments])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_cli_endcap_disks_are_crossed_in_order(tmp_path):
+    """Disks given in any order are sorted by |z|: every forward track that crosses the near disk's
+    plane inside its radii has a hit there, whatever the order on the command line."""
+    files = []
+    for disks in ("1400,1300", "1300,1400"):
+        files.append(tmp_path / f"{disks}.h5")
+        result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "400", "--radii", "30,70,120",
+                                           "--half-length", "1200", "--disks", disks, "--eta-max", "2.5",
+                                           "-o", str(files[-1])])
+        assert result.exit_code == 0, result.output
+    first, second = (read_events(f) for f in files)
+    np.testing.assert_array_equal(first.fixed["valid"], second.fixed["valid"])
+    near = first.fixed["free"][:, 3]   # layers: 3 barrel, then +z disks by |z|
+    hit = first.fixed["valid"][:, 3].astype(bool)
+    assert hit.sum() > 20
+    np.testing.assert_allclose(near[hit, 2], 1300.0, atol=1e-3)
 
 
 def test_benchmark_workload_step_count():

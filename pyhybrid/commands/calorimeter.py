@@ -16,20 +16,13 @@ import math
 import click
 import numpy as np
 
+from pyhybrid.commands.common import batch_seed, output_option, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels import calorimeter as kernel
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.progress import progress_bar
 
 __all__ = ["command"]
-
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _batch_seed(seed: int, batch: int) -> int:
-    """Distinct 64-bit seed per batch."""
-    return (seed + batch * _GOLDEN) & 0xFFFFFFFFFFFFFFFF
-
 
 @click.command(name="calorimeter")
 @click.option("--events", "n_events", type=click.IntRange(min=1), default=10_000, show_default=True,
@@ -58,9 +51,8 @@ def _batch_seed(seed: int, batch: int) -> int:
               help="Showers per kernel launch and per write.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="calorimeter.h5", show_default=True,
-              help="HDF5 event file.")
+@seed_option(default=1)
+@output_option("calorimeter.h5")
 def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, active, absorber_thickness,
             active_thickness, n_layers, layers_per_segment, n_cells, cell_size, noise, quadrature_points,
             batch_size, device, precision, seed, output):
@@ -107,12 +99,12 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
             progress_bar(n_events, "showers") as advance:
         for batch, start in enumerate(range(0, n_events, batch_size)):
             n = min(batch_size, n_events - start)
-            batch_seed = _batch_seed(seed, batch)
-            rng = types.rng(n, batch_seed, stream=2)  # streams 0 and 1 belong to the shower kernel
+            seed_of_batch = batch_seed(seed, batch)
+            rng = types.rng(n, seed_of_batch, stream=2)  # streams 0 and 1 belong to the shower kernel
             e = energy_min + (energy_max - energy_min) * types.uniform(rng)
             x = impact_spread * types.normal(rng)
             y = impact_spread * types.normal(rng)
-            cells = kernel.cell_energies(e, x, y, design, segmentation, batch_seed, quadrature_points)
+            cells = kernel.cell_energies(e, x, y, design, segmentation, seed_of_batch, quadrature_points)
             rows = np.stack([np.asarray(c) for c in cells], axis=-1).reshape(n, *shape)
             writer.append(n, {"cells": rows.astype(dtype, copy=False), "energy": np.asarray(e, dtype=dtype),
                               "impact": np.stack([np.asarray(x), np.asarray(y)], axis=-1).astype(dtype)})

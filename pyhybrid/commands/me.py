@@ -20,6 +20,7 @@ import math
 import click
 import numpy as np
 
+from pyhybrid.commands.common import output_option, seed_option, writable_location
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.electroweak import DEFAULTS, GF, SMParameters, alpha_from_gf
 from pyhybrid.kernels.hard_process import MAPPINGS, HardProcess
@@ -101,9 +102,9 @@ class LHEWriter:
 @click.option("--sqrt-s", "sqrt_s", type=float, default=91.2, show_default=True, help="Collision energy [GeV].")
 @click.option("--events", "n_events", type=click.IntRange(min=0), default=10_000, show_default=True,
               help="Unweighted events to generate (0: cross section only).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="me_events.h5", show_default=True,
-              help="HDF5 event file.")
-@click.option("--lhe", type=click.Path(dir_okay=False), default=None, help="Also write a Les Houches event file.")
+@output_option("me_events.h5")
+@click.option("--lhe", type=click.Path(dir_okay=False), default=None, callback=writable_location,
+              help="Also write a Les Houches event file.")
 @click.option("--mz", type=float, default=DEFAULTS.mz, show_default=True, help="Z mass [GeV].")
 @click.option("--gamma-z", "gamma_z", type=float, default=DEFAULTS.gamma_z, show_default=True, help="Z width [GeV].")
 @click.option("--alpha", type=float, default=None, help=f"alpha (default {DEFAULTS.alpha:.6g}).")
@@ -125,7 +126,7 @@ class LHEWriter:
               help="VEGAS iterations of the estimate.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@seed_option()
 def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha, gf, sin2_theta_w, alpha_s,
             top_mass, y_cut, mapping, n_points, adapt_iterations, iterations, device, precision, seed):
     """LO cross section (VEGAS, with MC error) and unweighted events of one process at fixed sqrt(s)."""

@@ -9,7 +9,9 @@ phi and charge sign. Each event is one track; the file holds per event:
 * ``local`` (L, 2): local hit coordinates (cylinders: R phi, z [mm]; disks: rho [mm], phi [rad]),
 * ``path_length`` (L,): path from the start [mm]; ``valid`` (L,): 1 where the layer was hit.
 
-Layer order: barrel cylinders (``--radii``), then disks at +z, then disks at -z (``--disks``).
+Layer order: barrel cylinders (``--radii``), then disks at +z, then disks at -z (``--disks``,
+sorted by |z|, all beyond the barrel's half-length), the order in which tracks from the
+origin cross them.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import click
 import drjit as dr
 import numpy as np
 
+from pyhybrid.commands.common import batch_seed, output_option, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.fields import SolenoidField, UniformField
@@ -59,7 +62,8 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--radii", default=DEFAULT_RADII, show_default=True, help="Barrel layer radii [mm], comma separated.")
 @click.option("--half-length", type=click.FloatRange(min=0, min_open=True), default=1200.0, show_default=True,
               help="Half-length of the barrel layers [mm].")
-@click.option("--disks", default="", help="|z| of endcap disks [mm], comma separated (placed at +z and -z).")
+@click.option("--disks", default="", help="|z| of endcap disks [mm], comma separated (placed at +z and -z; "
+              "beyond --half-length).")
 @click.option("--disk-rmin", type=click.FloatRange(min=0), default=30.0, show_default=True)
 @click.option("--disk-rmax", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True)
 @click.option("--thickness", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
@@ -75,8 +79,8 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=100000, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="hits.h5", show_default=True)
+@seed_option()
+@output_option("hits.h5")
 def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, stepper, step_size, tolerance, radii,
             half_length, disks, disk_rmin, disk_rmax, thickness, material, particle, pt_min, pt_max, eta_max,
             scattering, energy_loss, batch_size, device, precision, seed, output):
@@ -85,9 +89,16 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
         raise click.BadParameter(f"--pt-min ({pt_min}) must not exceed --pt-max ({pt_max})", param_hint="--pt-min")
     if disk_rmin >= disk_rmax:
         raise click.BadParameter("--disk-rmin must be below --disk-rmax", param_hint="--disk-rmin")
-    radii_list, disk_list = _floats(radii, "--radii"), _floats(disks, "--disks")
+    if not math.isfinite(bfield):
+        raise click.BadParameter(f"must be finite, got {bfield}", param_hint="--bfield")
+    radii_list, disk_list = _floats(radii, "--radii"), sorted(_floats(disks, "--disks"))
     if not radii_list and not disk_list:
         raise click.BadParameter("give at least one layer (--radii or --disks)", param_hint="--radii")
+    if radii_list and disk_list and disk_list[0] <= half_length:
+        # Tracks cross the layers in the order given: a disk inside the barrel's z range would be
+        # reached before barrel layers that are listed before it, and then missed.
+        raise click.BadParameter(f"endcap disks must lie beyond the barrel (|z| > --half-length = {half_length:g} mm), "
+                                 f"got {disk_list[0]:g} mm", param_hint="--disks")
     try:
         types = kernel_types(device, precision)
     except Exception as error:  # BackendUnavailable: a clear message, not a traceback
@@ -119,17 +130,17 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
                   "disk_rmin": disk_rmin, "disk_rmax": disk_rmax, "thickness": thickness, "material": material,
                   "particle": particle, "pt_min": pt_min, "pt_max": pt_max, "eta_max": eta_max,
                   "scattering": scattering, "energy_loss": energy_loss, "precision": precision, "device": device,
-                  "layer_order": "barrel radii, then disks at +z, then disks at -z"}
+                  "layer_order": "barrel radii, then disks at +z, then disks at -z (increasing |z|)"}
     metadata = {"parameters": parameters, "seed": seed, "units": {"local_disk_phi": "rad"}}
     with EventWriter(output, fixed=fixed, metadata=metadata) as writer, \
             progress_bar(tracks, "propagating tracks") as advance:
         for batch, start in enumerate(range(0, tracks, batch_size)):
             n = min(batch_size, tracks - start)
-            batch_seed = seed + (batch << 32)
-            initial = random_tracks(types, n, batch_seed, pt_range=(pt_min, pt_max), eta_max=eta_max)
+            seed_of_batch = batch_seed(seed, batch)
+            initial = random_tracks(types, n, seed_of_batch, pt_range=(pt_min, pt_max), eta_max=eta_max)
             dr.eval(initial.columns())
             hits = propagate_layers(initial, field, layers, positions_array, thickness_array, options,
-                                    seed=batch_seed)
+                                    seed=seed_of_batch)
             writer.append(n, {
                 "initial": _matrix(initial.columns(), dtype),
                 "free": np.stack([_matrix(f, dtype) for f in hits.free], axis=1),

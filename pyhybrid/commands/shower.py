@@ -15,6 +15,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
+from pyhybrid.commands.common import batch_seed, output_option, seed_option
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.shower import ShowerSettings
 
@@ -35,11 +36,10 @@ SHAPES = ("y23", "y34", "y45", "y56", "thrust")
               help="Events per kernel launch (memory ~ batch x max-particles).")
 @click.option("--observables/--no-observables", default=True, show_default=True,
               help="Also store Durham y23..y56 and thrust.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="shower_events.h5", show_default=True,
-              help="HDF5 event file.")
+@output_option("shower_events.h5")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
+@seed_option()
 def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, output, device, precision, seed):
     """Shower e+e- -> q qbar events and write their parton lists (and event shapes)."""
     from pyhybrid.io import EventWriter
@@ -67,7 +67,7 @@ def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, ou
         while done < n_events:
             n = min(batch, n_events - done)
             # Disjoint random streams per batch: the seed of batch k is derived from (seed, k).
-            result = run_shower(types, n, settings, seed=_batch_seed(seed, batch_index))
+            result = run_shower(types, n, settings, seed=batch_seed(seed, batch_index))
             if bool(np.any(result.overflow.numpy())):
                 raise click.ClickException(f"an event needed more than --max-particles = {max_particles} partons; "
                                            "increase it")
@@ -88,8 +88,3 @@ def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, ou
             advance(n)
     click.echo(f"{n_events} events (alpha_s(mZ) = {alpha_s:g}, t0 = {t0:g} GeV^2, sqrt(s) = {sqrt_s:g} GeV) "
                f"-> {output}")
-
-
-def _batch_seed(seed: int, batch_index: int) -> int:
-    """Seed of one batch: different batches must not repeat the lanes' random streams."""
-    return (seed * 0x9E3779B97F4A7C15 + batch_index * 0xBF58476D1CE4E5B9) % 2**64

@@ -89,6 +89,9 @@ class KernelTypes:
         """
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
+        if not (hasattr(seed, "__index__") and 0 <= seed.__index__() < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        seed = seed.__index__()
         if lane is None:
             lane = dr.arange(self.UInt32, n)
         # Opaque seeds: a literal would be baked into the kernel, recompiling it for every new seed.

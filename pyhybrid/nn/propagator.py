@@ -348,6 +348,7 @@ class Propagator(nn.Module):
         super().__init__()
         if not isinstance(field, (UniformField, SolenoidField, GridField)):
             raise TypeError(f"field must be a UniformField, SolenoidField or GridField, got {type(field).__name__}")
+        layers = list(layers)  # a generator would be used up by the checks below
         if not layers:
             raise ValueError("layers must contain at least one layer")
         for i, layer in enumerate(layers):
@@ -407,8 +408,11 @@ class Propagator(nn.Module):
             raise TypeError(f"params must have dtype torch.float32 or torch.float64, got {params.dtype}")
         if params.shape[0] == 0:
             raise ValueError("params must contain at least one track")
-        if not bool((params[:, 4:7].detach().norm(dim=1) > 0).all()):
-            raise ValueError("params[:, 4:7] (direction) must have positive length; directions are normalised")
+        # The kernel normalises by |d| = sqrt(d.d) in the input's precision: d.d must neither be 0 nor overflow.
+        length2 = params[:, 4:7].detach().square().sum(dim=1)
+        if not bool(((length2 > 0) & torch.isfinite(length2)).all()):
+            raise ValueError(f"params[:, 4:7] (direction) must have positive length, with a squared length finite "
+                             f"in {params.dtype} (e.g. unit vectors); directions are normalised")
         self.field.check()
         self._check_geometry()
         like = dict(device=params.device, dtype=params.dtype)

@@ -1,0 +1,44 @@
+"""Options and helpers shared by the ``pyhybrid run`` commands (no torch)."""
+from __future__ import annotations
+
+import os
+
+import click
+
+_MASK64 = (1 << 64) - 1
+
+
+def writable_location(ctx, param, path: str | None) -> str | None:
+    """Click callback: an output file's directory must exist (fail before any kernel runs)."""
+    if path is None:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise click.BadParameter(f"directory {directory!r} does not exist", ctx=ctx, param=param)
+    return path
+
+
+def output_option(default: str, help: str = "HDF5 event file."):
+    """``-o/--output``: the HDF5 file a command writes (its directory must exist)."""
+    return click.option("-o", "--output", type=click.Path(dir_okay=False), default=default, show_default=True,
+                        callback=writable_location, help=help)
+
+
+def seed_option(default: int = 0):
+    """``--seed``: a non-negative integer that fits the files' int64 metadata."""
+    return click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=default, show_default=True,
+                        help="Random seed (batches draw from streams derived from it).")
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The 64-bit seed of batch ``batch`` of a run seeded with ``seed``.
+
+    A hash of both (splitmix64's finaliser of seed * golden ratio + batch), so that batches of
+    one run and runs with nearby seeds draw unrelated random streams (``seed + batch`` would
+    give batch 1 of seed 0 the numbers of batch 0 of seed 1). A run's events therefore depend on
+    its batch size.
+    """
+    x = (seed * 0x9E3779B97F4A7C15 + batch) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

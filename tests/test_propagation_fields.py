@@ -6,7 +6,7 @@ import torch
 from scipy import integrate, special
 
 from pyhybrid.kernels import fields
-from pyhybrid.nn.propagator import _FIELD_LOOKUP, GridField
+from pyhybrid.nn.propagator import _FIELD_LOOKUP, GridField, Propagator, barrel
 from test_propagation_support import F64
 
 B0, RADIUS, HALF_LENGTH = 2.0, 1200.0, 3000.0
@@ -152,6 +152,8 @@ def test_field_map_module_is_differentiable_in_values_scale_and_points():
     b.sum().backward()
     assert grid.values.grad is not None and grid.values.grad.abs().sum() > 0
     assert points.grad is not None and torch.isfinite(points.grad).all()
+    with pytest.warns(UserWarning, match="does not differentiate with respect to the map values"):
+        Propagator(grid, barrel([50.0], half_length=100.0))
 
 
 def test_field_map_rejects_bad_input():

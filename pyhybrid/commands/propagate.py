@@ -76,7 +76,8 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--scattering", type=click.Choice(["none", "sample"]), default="none", show_default=True,
               help="sample: random multiple-scattering deflections (Highland).")
 @click.option("--energy-loss/--no-energy-loss", default=True, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=100000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=100000, show_default=True,
+              help="Tracks per kernel call (each batch draws its own random streams: keep it to reproduce a file).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @seed_option()

@@ -32,6 +32,7 @@ layer specs :class:`CylinderLayer`, :class:`DiskLayer`, :class:`PlaneLayer`.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field as dataclass_field
 from typing import Sequence
@@ -363,6 +364,10 @@ class Propagator(nn.Module):
             raise ValueError(f"jacobian must be one of {kprop.TRANSPORT_JACOBIANS}, got {jacobian!r}")
         if not isinstance(stepper, (RK4, AdaptiveRKN)):
             raise TypeError(f"stepper must be RK4(...) or AdaptiveRKN(...), got {type(stepper).__name__}")
+        if isinstance(field, GridField) and field.values.requires_grad:
+            warnings.warn("GridField(trainable_values=True) in a Propagator: the propagation does not "
+                          "differentiate with respect to the map values (their .grad stays None); the scale "
+                          "and the track parameters get gradients", stacklevel=2)
         self.field = field
         built = [layer.kernel_layer() for layer in layers]
         self.kernel_layers = tuple(b[0] for b in built)
@@ -398,7 +403,7 @@ class Propagator(nn.Module):
 
     def forward(self, params: torch.Tensor, covariance: torch.Tensor | None = None, *,
                 seed: int | None = None) -> PropagationResult:
-        """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p) through the layers.
+        """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p), N >= 1, through the layers.
 
         covariance: optional (N, 8, 8) initial free covariance to transport.
         seed: random numbers for scattering="sample" (default: drawn from torch's generator).

@@ -6,7 +6,8 @@
   memory as a flat Dr.Jit array (DLPack), :func:`to_torch` does the reverse.
 * :func:`kernel_function` turns a Dr.Jit kernel into a differentiable torch
   callable (a ``torch.autograd.Function``, differentiable once: a backward pass
-  with ``create_graph=True`` raises instead of dropping second-order terms). The vector-Jacobian product comes
+  with ``create_graph=True`` raises instead of dropping second-order terms; under
+  ``torch.compile`` a call is a graph break). The vector-Jacobian product comes
   either from Dr.Jit's reverse-mode AD (the forward is re-run under AD in the
   backward pass, so no graph is kept alive between passes and repeated backward
   calls are exact) or from an adjoint/Jacobian the kernel supplies.

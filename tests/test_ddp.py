@@ -15,8 +15,15 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     output = tmp_path / "check.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
                "--tracks", "128", "--batch", "64", "--check-gradients", str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the launcher stop its workers (they run in sessions of their own; killed
+        # alone, it would leave them waiting in an all-reduce for their dead peer).
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     check = json.loads(output.read_text())
     assert check["world_size"] == 2 and check["global_batch"] == 64
     assert check["n_parameter_tensors"] == 8  # encoder: linear part (2) + MLP (3 layers x 2)

@@ -52,3 +52,6 @@ def test_rejects_bad_options(tmp_path):
     result = runner.invoke(main, ["run", "calorimeter", "--layers", "10", "--layers-per-segment", "3",
                                   "-o", str(tmp_path / "x.h5")])
     assert result.exit_code != 0 and "multiple of layers_per_segment" in result.output
+    for option in ("--energy", "--noise", "--cell-size", "--impact-spread"):
+        result = runner.invoke(main, ["run", "calorimeter", option, "inf", "-o", str(tmp_path / "x.h5")])
+        assert result.exit_code == 2 and "finite" in result.output, (option, result.output)

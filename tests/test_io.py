@@ -63,6 +63,23 @@ def test_append_rejects_wrong_shapes(tmp_path):
                 writer.append(3, fixed, bad)
 
 
+def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
+    rng = np.random.default_rng(3)
+    with EventWriter(tmp_path / "x.h5", fixed=FIXED, jagged=JAGGED) as writer:
+        fixed, jagged = _batch(rng, 2)
+        fractional = (np.array([0.5, 1.5]), np.ones(2))  # sums to 2, but not counts
+        with pytest.raises(ValueError, match="'energy': counts must be 2 non-negative integers"):
+            writer.append(2, fixed, {**jagged, "energy": fractional})
+    with pytest.raises(ValueError, match="without '/'"):
+        EventWriter(tmp_path / "y.h5", fixed={"a/b": ((), "f4")})
+    kept = tmp_path / "kept.h5"
+    with EventWriter(kept, fixed=FIXED, jagged=JAGGED) as writer:
+        writer.append(2, *_batch(rng, 2))
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        EventWriter(kept, fixed=FIXED, metadata={"parameters": {"x": object()}})
+    assert read_events(kept).n_events == 2  # the existing file was not truncated
+
+
 def test_reader_names_layout_errors(tmp_path):
     path = tmp_path / "bad.h5"
     with h5py.File(path, "w") as f:

@@ -397,3 +397,5 @@ def test_event_shapes_reject_malformed_events():
         torch_event_shapes(bad, counts, 91.2)
     with pytest.raises(ValueError, match="sqrt_s"):
         torch_event_shapes(momenta, counts, -1.0)
+    with pytest.raises(ValueError, match="sqrt_s must be a positive finite"):
+        torch_event_shapes(momenta, counts, float("inf"))

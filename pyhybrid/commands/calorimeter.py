@@ -59,15 +59,16 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
     """Electromagnetic showers (GFLASH) in a sampling calorimeter -> cell energies (HDF5)."""
     if energy is not None:
         energy_min = energy_max = energy
-    if not 0.1 <= energy_min <= energy_max:
-        raise click.BadParameter("need 0.1 GeV <= energy-min <= energy-max", param_hint="--energy-min/--energy-max")
+    if not 0.1 <= energy_min <= energy_max < math.inf:
+        raise click.BadParameter("need 0.1 GeV <= energy-min <= energy-max, finite",
+                                 param_hint="--energy-min/--energy-max")
     for name, value in (("--absorber-thickness", absorber_thickness), ("--active-thickness", active_thickness),
                         ("--cell-size", cell_size)):
-        if not value > 0:
-            raise click.BadParameter("must be positive", param_hint=name)
+        if not 0 < value < math.inf:
+            raise click.BadParameter("must be positive and finite", param_hint=name)
     for name, value in (("--noise", noise), ("--impact-spread", impact_spread)):
-        if not value >= 0:
-            raise click.BadParameter("must be >= 0", param_hint=name)
+        if not 0 <= value < math.inf:
+            raise click.BadParameter("must be >= 0 and finite", param_hint=name)
     try:
         types = kernel_types(device, precision)
         segmentation = kernel.Segmentation(n_layers, layers_per_segment, n_cells)

@@ -44,6 +44,19 @@ def _json_default(value):
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable")
 
 
+def _metadata_attributes(metadata: dict) -> dict:
+    """The file attributes of :class:`EventWriter` (raises TypeError for non-JSON metadata)."""
+    from pyhybrid import __version__
+
+    seed = metadata.pop("seed", None)
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "pyhybrid_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "units": json.dumps({**DEFAULT_UNITS, **metadata.pop("units", {})}),
+            "parameters": json.dumps(metadata.pop("parameters", {}), default=_json_default),
+            "seed": -1 if seed is None else int(seed),
+            "extra": json.dumps(metadata, default=_json_default)}
+
+
 class EventWriter:
     """Append events in batches to a new HDF5 file.
 
@@ -71,6 +84,9 @@ class EventWriter:
         overlap = set(fixed) & set(jagged)
         if overlap:
             raise ValueError(f"names used for both fixed and jagged arrays: {sorted(overlap)}")
+        bad_names = [name for name in [*fixed, *jagged] if not isinstance(name, str) or not name or "/" in name]
+        if bad_names:
+            raise ValueError(f"array names must be non-empty strings without '/', got {bad_names}")
         if chunk_events < 1:
             raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
         if not overwrite and os.path.exists(path):
@@ -79,8 +95,10 @@ class EventWriter:
         self._fixed_shapes = {name: tuple(shape) for name, (shape, _) in fixed.items()}
         self._jagged_names = list(jagged)
         self.n_events = 0
+        # Serialised before the file is opened: bad metadata must not truncate an existing file.
+        attributes = _metadata_attributes(dict(metadata or {}))
         self._file = h5py.File(self.path, "w", libver="latest")
-        self._write_metadata(dict(metadata or {}))
+        self._file.attrs.update(attributes)
         options = {"compression": compression} if compression else {}
         self._file.create_dataset("n_events", data=np.zeros(1, np.int64))
         group = self._file.create_group("fixed")
@@ -97,19 +115,6 @@ class EventWriter:
         self._file.swmr_mode = True
         self._file.flush()
 
-    def _write_metadata(self, metadata: dict) -> None:
-        attrs = self._file.attrs
-        from pyhybrid import __version__
-
-        attrs["format"] = FORMAT
-        attrs["format_version"] = FORMAT_VERSION
-        attrs["pyhybrid_version"] = __version__
-        attrs["created"] = datetime.now(timezone.utc).isoformat()
-        attrs["units"] = json.dumps({**DEFAULT_UNITS, **metadata.pop("units", {})})
-        attrs["parameters"] = json.dumps(metadata.pop("parameters", {}), default=_json_default)
-        seed = metadata.pop("seed", None)
-        attrs["seed"] = -1 if seed is None else int(seed)
-        attrs["extra"] = json.dumps(metadata, default=_json_default)
 
     def append(self, n_events: int, fixed: Mapping[str, np.ndarray] | None = None,
                jagged: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
@@ -133,7 +138,8 @@ class EventWriter:
                 raise ValueError(f"fixed array {name!r} must have shape {want}, got {values.shape}")
         for name, (counts, values) in jagged.items():
             counts = np.asarray(counts)
-            if counts.shape != (n_events,) or (counts.size and counts.min() < 0):
+            if counts.shape != (n_events,) or not np.issubdtype(counts.dtype, np.integer) or (
+                    counts.size and counts.min() < 0):
                 raise ValueError(f"jagged array {name!r}: counts must be {n_events} non-negative integers")
             if np.asarray(values).shape != (int(counts.sum()),):
                 raise ValueError(f"jagged array {name!r}: values must be flat with counts.sum() entries")

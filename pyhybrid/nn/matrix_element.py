@@ -452,7 +452,10 @@ class TwoBodyCrossSection(_ProcessModule):
         """sigma [pb] at ``sqrt_s`` (0-d) by ``n_nodes``-point Gauss-Legendre quadrature in cos theta.
 
         Exact for e+e- -> f fbar with n_nodes >= 2 (a quadratic polynomial in cos theta);
-        the t tbar integrands are smooth rational functions, converging exponentially.
+        the t tbar integrands are smooth rational functions, converging exponentially, but
+        g g -> t tbar peaks at |cos theta| -> 1 with a width ~ 2 m_t^2 / s: 64 nodes are
+        accurate to 1e-14 at 1 TeV, 5e-7 at 3 TeV and 3 % low at 14 TeV, where 256 nodes
+        are needed (compare two node counts when far above threshold).
         """
         nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
         device = self.mz.device

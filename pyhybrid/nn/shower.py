@@ -23,6 +23,7 @@ conserving (sqrt_s, 0, 0, 0)).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -140,8 +141,8 @@ def event_shapes(momenta: torch.Tensor, n_particles: torch.Tensor, sqrt_s: float
         raise TypeError(f"n_particles must be an integer tensor, got {n_particles.dtype}")
     if bool(((n_particles < 2) | (n_particles > m)).any()):
         raise ValueError(f"n_particles must lie in [2, {m}] (the slots of momenta)")
-    if not (isinstance(sqrt_s, (int, float)) and sqrt_s > 0):
-        raise ValueError(f"sqrt_s must be a positive number [GeV], got {sqrt_s!r}")
+    if not (isinstance(sqrt_s, (int, float)) and 0 < sqrt_s < math.inf):
+        raise ValueError(f"sqrt_s must be a positive finite number [GeV], got {sqrt_s!r}")
     slots = torch.arange(m, device=momenta.device)
     inside = (slots[None, :] < n_particles[:, None]).to(momenta.dtype)[..., None]
     used = momenta * inside

@@ -75,6 +75,7 @@ def test_cross_section_only_and_options(tmp_path):
     (["--alpha", "0.0078", "--gf", "1.2e-5"], "either --alpha or --gf"),
     (["--sin2w", "1.5"], "must lie in (0, 1)"),
     (["--mz", "-91"], "must be positive"),
+    (["--mapping", "rambo", "--precision", "float32"], "needs --precision float64"),
 ])
 def test_bad_input_gives_clear_errors(tmp_path, args, message):
     result = _run(*args, "-o", str(tmp_path / "x.h5"))

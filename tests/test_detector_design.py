@@ -190,6 +190,10 @@ def test_joint_training_lowers_the_objective_and_grid_scan_restores_the_design()
                      train_showers=512, validation_showers=512)
     assert scan["loss"].shape == (2, 1) and scan["best"]["active_thickness"] == 2.0
     assert design.design_values() == start
+    with pytest.raises(ValueError, match="absorber_thickness"):  # an invalid grid point
+        grid_scan(design, {"absorber_thickness": [2.0, -1.0]}, train_steps=1, train_showers=64,
+                  validation_showers=64)
+    assert design.design_values() == start
 
 
 def test_fit_resolution_terms_recovers_known_terms():

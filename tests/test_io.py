@@ -78,6 +78,10 @@ def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
     with pytest.raises(TypeError, match="not JSON-serialisable"):
         EventWriter(kept, fixed=FIXED, metadata={"parameters": {"x": object()}})
     assert read_events(kept).n_events == 2  # the existing file was not truncated
+    for bad in ({"format_version": 7}, {"created": "yesterday"}, {"seed": -7}):
+        with pytest.raises(ValueError, match="written by EventWriter|seed must be >= 0"):
+            EventWriter(kept, fixed=FIXED, metadata=bad)
+    assert read_events(kept).n_events == 2
 
 
 def test_reader_names_layout_errors(tmp_path):

@@ -48,7 +48,12 @@ def _metadata_attributes(metadata: dict) -> dict:
     """The file attributes of :class:`EventWriter` (raises TypeError for non-JSON metadata)."""
     from pyhybrid import __version__
 
+    reserved = sorted({"format", "format_version", "pyhybrid_version", "created"} & set(metadata))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are written by EventWriter itself")
     seed = metadata.pop("seed", None)
+    if seed is not None and not int(seed) >= 0:
+        raise ValueError(f"metadata seed must be >= 0 or None, got {seed}")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "pyhybrid_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(),
             "units": json.dumps({**DEFAULT_UNITS, **metadata.pop("units", {})}),
@@ -206,13 +211,13 @@ def read_events(path: str | os.PathLike) -> EventFile:
                 raise LayoutError(f"{path}: missing {'dataset' if key == 'n_events' else 'group'} /{key}")
         n = int(f["n_events"][0])
         metadata = {
+            **json.loads(f.attrs.get("extra", "{}")),
             "format_version": int(f.attrs["format_version"]),
             "pyhybrid_version": str(f.attrs["pyhybrid_version"]),
             "created": str(f.attrs["created"]),
             "units": json.loads(f.attrs["units"]),
             "parameters": json.loads(f.attrs["parameters"]),
             "seed": None if int(f.attrs["seed"]) < 0 else int(f.attrs["seed"]),
-            **json.loads(f.attrs.get("extra", "{}")),
         }
         result = EventFile(n_events=n, metadata=metadata)
         for name, dataset in f["fixed"].items():

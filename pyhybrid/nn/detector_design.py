@@ -249,20 +249,22 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
     saved = {name: design.calorimeter.get_parameter(name).detach().clone() for name in names}
     network = copy.deepcopy(design.regression.state_dict())
     results = {key: torch.empty(mesh.shape[0], dtype=torch.float64) for key in ("loss", "resolution", "cost")}
-    for index, point in enumerate(mesh):
+    try:
+        for index, point in enumerate(mesh):
+            with torch.no_grad():
+                for name, value in zip(names, point):
+                    design.calorimeter.get_parameter(name).fill_(float(value))
+            design.regression.load_state_dict(network)
+            fit_regression(design, train_steps, batch=train_showers, seed=seed)
+            for key, value in evaluate(design, validation_showers, seed + 1).items():
+                results[key][index] = value
+            if callback is not None:
+                callback(index + 1, mesh.shape[0])
+    finally:  # also when a grid point is invalid or the scan is interrupted
         with torch.no_grad():
-            for name, value in zip(names, point):
-                design.calorimeter.get_parameter(name).fill_(float(value))
+            for name, value in saved.items():
+                design.calorimeter.get_parameter(name).copy_(value)
         design.regression.load_state_dict(network)
-        fit_regression(design, train_steps, batch=train_showers, seed=seed)
-        for key, value in evaluate(design, validation_showers, seed + 1).items():
-            results[key][index] = value
-        if callback is not None:
-            callback(index + 1, mesh.shape[0])
-    with torch.no_grad():
-        for name, value in saved.items():
-            design.calorimeter.get_parameter(name).copy_(value)
-    design.regression.load_state_dict(network)
     shape = tuple(len(a) for a in axes)
     best = int(torch.argmin(results["loss"]))
     return {"names": names, "values": [a.tolist() for a in axes],

@@ -37,7 +37,7 @@ import drjit as dr
 import torch
 
 from pyhybrid.engine import kernel_function
-from pyhybrid.kernels.backend import KernelTypes, types_of
+from pyhybrid.kernels.backend import KernelTypes, check_seed, types_of
 from pyhybrid.kernels.observables import OBSERVABLES, bin_indicators, event_shapes, observable, soft_bin_indicators
 from pyhybrid.kernels.shower import ShowerResult, ShowerSettings, boundary_emission
 
@@ -161,7 +161,7 @@ class GradientEstimator(ABC):
         settings = shower.settings()
         types = shower.kernel_types()
         values, derivatives = self.per_event(types, settings, observable_spec, _check_count(n_events),
-                                             _check_seed(seed), tuple(parameters))
+                                             check_seed(seed), tuple(parameters))
         return Estimate(_stack(values, types), {p: _stack(d, types) for p, d in derivatives.items()})
 
     def __call__(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int) -> torch.Tensor:
@@ -169,7 +169,7 @@ class GradientEstimator(ABC):
         parameters = tuple(name for name in PARAMETERS if getattr(shower, name).requires_grad)
         alpha_s, t0 = shower.parameter_tensors()
         apply = kernel_function(_forward, vjp=_vjp, estimator=self, observable_spec=observable_spec,
-                                n_events=_check_count(n_events), seed=_check_seed(seed),
+                                n_events=_check_count(n_events), seed=check_seed(seed),
                                 sqrt_s=shower.sqrt_s, max_particles=shower.max_particles, parameters=parameters)
         return apply(alpha_s, t0)
 
@@ -212,9 +212,3 @@ def _check_count(n_events) -> int:
     if not isinstance(n_events, int) or isinstance(n_events, bool) or n_events < 2:
         raise ValueError(f"n_events must be an integer >= 2, got {n_events!r}")
     return n_events
-
-
-def _check_seed(seed) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return seed

@@ -120,7 +120,6 @@ class EventWriter:
         self._file.swmr_mode = True
         self._file.flush()
 
-
     def append(self, n_events: int, fixed: Mapping[str, np.ndarray] | None = None,
                jagged: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         """Append ``n_events`` events.

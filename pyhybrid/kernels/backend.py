@@ -89,9 +89,7 @@ class KernelTypes:
         """
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
-        if not (hasattr(seed, "__index__") and 0 <= seed.__index__() < 2**64):
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        seed = seed.__index__()
+        seed = check_seed(seed)
         if lane is None:
             lane = dr.arange(self.UInt32, n)
         # Opaque seeds: a literal would be baked into the kernel, recompiling it for every new seed.
@@ -107,6 +105,13 @@ class KernelTypes:
         UInt64 = dr.uint64_array_t(self.UInt32)
         rng.seed(UInt64(initstate) + UInt64(lane), UInt64(initseq) + UInt64(lane))
         return rng
+
+
+def check_seed(seed) -> int:
+    """``seed`` if it is an integer in [0, 2^64) (the 64 bits :meth:`KernelTypes.rng` uses), else ValueError."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    return seed
 
 
 def _mix32(x):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import check_tensor, to_drjit, types_for
+from pyhybrid.kernels.backend import check_seed
 from pyhybrid.kernels.observables import event_shapes as _event_shapes
 from pyhybrid.kernels.shower import ShowerSettings, run_shower
 
@@ -102,10 +103,8 @@ class PartonShower(nn.Module):
         """Generate ``n_events`` showered events (no gradient; see :mod:`pyhybrid.estimators`)."""
         if not isinstance(n_events, int) or isinstance(n_events, bool) or n_events < 1:
             raise ValueError(f"n_events must be a positive integer, got {n_events!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
         settings = self.settings()
-        result = run_shower(self.kernel_types(), n_events, settings, seed)
+        result = run_shower(self.kernel_types(), n_events, settings, check_seed(seed))
         if bool(result.overflow.torch().any()):
             raise RuntimeError(f"an event needed more than max_particles = {self.max_particles} partons; "
                                "increase max_particles")

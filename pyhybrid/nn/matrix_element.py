@@ -293,6 +293,13 @@ def _lane_parallel(kernel, packed_vectors: int | None = None):
     return forward, vjp
 
 
+# Module-level kernel functions (the process, flavour and scheme are passed per call): modules holding
+# no closures can be saved whole (torch.save) and deep-copied.
+_MATRIX_ELEMENT = kernel_function(_matrix_element_forward, vjp=_matrix_element_vjp)
+_two_body_forward, _two_body_vjp = _lane_parallel(_two_body_cross_section_kernel)
+_TWO_BODY_CROSS_SECTION = kernel_function(_two_body_forward, vjp=_two_body_vjp)
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -387,8 +394,6 @@ class MatrixElement(_ProcessModule):
             raise ValueError(f"tolerance must be positive, got {tolerance}")
         self.tolerance = tolerance
         self.validate = validate
-        self._kernel = kernel_function(_matrix_element_forward, vjp=_matrix_element_vjp, process=self.process.name,
-                                       flavour=self.flavour, scheme=self.scheme, output=self._output)
 
     def forward(self, momenta: torch.Tensor) -> torch.Tensor:
         n = self.process.n_particles
@@ -402,8 +407,9 @@ class MatrixElement(_ProcessModule):
         jacobian_of = None
         if torch.is_grad_enabled() and not momenta.requires_grad and any(p.requires_grad for p in parameters):
             jacobian_of = tuple(p.requires_grad for p in parameters)
-        return self._kernel(momenta.reshape(-1), *parameters, tolerance=self.tolerance if self.validate else None,
-                            jacobian_of=jacobian_of)
+        return _MATRIX_ELEMENT(momenta.reshape(-1), *parameters, process=self.process.name, flavour=self.flavour,
+                               scheme=self.scheme, output=self._output,
+                               tolerance=self.tolerance if self.validate else None, jacobian_of=jacobian_of)
 
 
 class DifferentialCrossSection(MatrixElement):
@@ -430,9 +436,6 @@ class TwoBodyCrossSection(_ProcessModule):
         super().__init__(process, flavour, **parameters)
         if self.process.n_out != 2:
             raise ValueError(f"TwoBodyCrossSection needs a 2 -> 2 process, got {self.process.name!r}")
-        forward, vjp = _lane_parallel(_two_body_cross_section_kernel)
-        self._kernel = kernel_function(forward, vjp=vjp, process=self.process.name, flavour=self.flavour,
-                                       scheme=self.scheme)
 
     def forward(self, cos_theta: torch.Tensor, sqrt_s: torch.Tensor | float) -> torch.Tensor:
         check_tensor(cos_theta, "cos_theta", shape=(None,))
@@ -445,7 +448,8 @@ class TwoBodyCrossSection(_ProcessModule):
         if bool((sqrt_s.detach() <= threshold).any()):
             raise ValueError(f"sqrt_s = {float(sqrt_s.detach().min()):.6g} GeV is below the {self.process.name} "
                              f"threshold {threshold:.6g} GeV")
-        return self._kernel(cos_theta, sqrt_s, *self._parameter_tensors(cos_theta))
+        return _TWO_BODY_CROSS_SECTION(cos_theta, sqrt_s, *self._parameter_tensors(cos_theta),
+                                       process=self.process.name, flavour=self.flavour, scheme=self.scheme)
 
     def cross_section(self, sqrt_s: torch.Tensor | float, n_nodes: int = 64,
                       dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""Every torch module of pyhybrid survives torch.save / torch.load of the whole module and
+copy.deepcopy (checkpoints of whole models, EMA copies, best-model snapshots), with the same
+outputs afterwards."""
+import copy
+import io
+
+import pytest
+import torch
+
+import pyhybrid.nn as pn
+from pyhybrid.nn.matrix_element import rambo_momenta
+
+
+def _tracks():
+    direction = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.8, 0.6]], dtype=torch.float64)
+    qop = torch.tensor([[0.5], [-0.25]], dtype=torch.float64)
+    return torch.cat([torch.zeros(2, 4, dtype=torch.float64), direction, qop], 1)
+
+
+def _propagator():
+    field = pn.SolenoidField(requires_grad=True)
+    return pn.Propagator(field, pn.barrel([30.0, 60.0], half_length=500.0), trainable_positions=True), (_tracks(),)
+
+
+def _matrix_element(cls):
+    def make():
+        momenta, _ = rambo_momenta(91.2, torch.zeros(2, dtype=torch.float64), 4, seed=1)
+        return cls("ee_mumu", mz=91.2), (momenta,)
+    return make
+
+
+def _two_body():
+    return pn.TwoBodyCrossSection("ee_mumu"), (torch.tensor([-0.5, 0.3], dtype=torch.float64), 91.0)
+
+
+def _calorimeter():
+    return pn.SamplingCalorimeter(n_layers=4, dtype=torch.float64), ()
+
+
+def _tracker_design():
+    return pn.TrackerDesign([40.0, 80.0, 120.0]), ()
+
+
+CASES = {
+    "Propagator": _propagator,
+    "MatrixElement": _matrix_element(pn.MatrixElement),
+    "DifferentialCrossSection": _matrix_element(pn.DifferentialCrossSection),
+    "TwoBodyCrossSection": _two_body,
+    "SamplingCalorimeter": _calorimeter,
+    "TrackerDesign": _tracker_design,
+    "PartonShower": lambda: (pn.PartonShower(), ()),
+}
+
+
+def _outputs(module, inputs):
+    if isinstance(module, pn.Propagator):
+        return module(*inputs).local
+    if isinstance(module, pn.SamplingCalorimeter):
+        return module.expected_cells(torch.tensor([10.0, 50.0], dtype=torch.float64))
+    if isinstance(module, pn.TrackerDesign):
+        pt, eta = torch.tensor([1.0, 5.0], dtype=torch.float64), torch.tensor([0.0, 0.5], dtype=torch.float64)
+        return torch.stack(list(module.resolutions(pt, eta).values()))
+    if isinstance(module, pn.PartonShower):
+        return torch.stack(module.parameter_tensors())
+    return module(*inputs)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_whole_module_save_load_and_deepcopy_keep_outputs(name):
+    module, inputs = CASES[name]()
+    expected = _outputs(module, inputs)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copied in (loaded, copy.deepcopy(module)):
+        assert type(copied) is type(module)
+        torch.testing.assert_close(_outputs(copied, inputs), expected, rtol=0, atol=0)
+        assert [n for n, _ in copied.named_parameters()] == [n for n, _ in module.named_parameters()]

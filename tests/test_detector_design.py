@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyhybrid.nn.calorimeter import SamplingCalorimeter
-from pyhybrid.nn.detector_design import (CalorimeterDesign, EnergyRegression, TrackerDesign, evaluate,
+from pyhybrid.nn.detector_design import (CalorimeterDesign, EnergyRegression, History, TrackerDesign, evaluate,
                                          fit_resolution_terms, grid_scan, material_cost, perigee_to_free,
                                          train_jointly)
 from pyhybrid.nn.propagator import CylinderLayer, Propagator, UniformField
@@ -104,6 +104,22 @@ def test_tracker_resolution_gradients():
     torch.testing.assert_close(tracker.thickness.grad, torch.full((5,), 1 / 93.70, dtype=F64))
 
 
+def test_tracker_track_that_curls_before_the_outer_layers_is_fitted_with_the_layers_it_crosses():
+    """0.3 GeV in 2 T: helix radius 500 mm, so the track reaches r = 1000 mm and misses the layer at
+    1100 mm. Its resolutions (and their gradients, finite) equal those of the design without that
+    layer; a stiff track in the same batch is unaffected by it."""
+    pt, eta = tensor(0.3, 5.0), tensor(0.0, 0.3)
+    with_outer = TrackerDesign([40.0, 80.0, 120.0, 600.0, 1100.0])
+    without_outer = TrackerDesign([40.0, 80.0, 120.0, 600.0])
+    curling, reference = with_outer.resolutions(pt, eta), without_outer.resolutions(pt[:1], eta[:1])
+    stiff = with_outer.resolutions(pt[1:], eta[1:])
+    for name in reference:
+        torch.testing.assert_close(curling[name][:1], reference[name], rtol=1e-9, atol=0)
+        torch.testing.assert_close(curling[name][1:], stiff[name], rtol=1e-12, atol=0)
+    sum(v.sum() for v in curling.values()).backward()
+    assert torch.isfinite(with_outer.radii.grad).all() and torch.isfinite(with_outer.thickness.grad).all()
+
+
 class _Resolutions(torch.nn.Module):
     def __init__(self, tracker):
         super().__init__()
@@ -130,6 +146,8 @@ def test_tracker_bad_inputs_raise_clear_errors():
         tracker.resolutions(tensor(-1.0), tensor(0.0))
     with pytest.raises(TypeError, match="pt must have dtype torch.float64"):
         tracker.resolutions(torch.tensor([1.0]), tensor(0.0))
+    with pytest.raises(ValueError, match="the history is empty"):
+        History().averaged_design()
 
 
 # ---------------------------------------------------------------- calorimeter objective

@@ -351,6 +351,10 @@ def test_rejects_non_finite_momenta_and_bad_shapes():
         MatrixElement("ee_mumu").double()(torch.zeros(4, 5, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="momenta must be a torch.Tensor"):
         MatrixElement("ee_mumu")(np.zeros((4, 4, 4)))
+    with pytest.raises(ValueError, match="momenta must contain at least one event"):
+        MatrixElement("ee_mumu")(torch.zeros(0, 4, 4))
+    with pytest.raises(ValueError, match="cos_theta must contain at least one value"):
+        TwoBodyCrossSection("ee_mumu")(torch.zeros(0, dtype=torch.float64), 91.0)
 
 
 def test_rejects_unknown_flavour_and_process():

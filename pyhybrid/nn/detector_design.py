@@ -165,7 +165,11 @@ class History:
             getattr(self, key).append(float(terms[key].detach()))
 
     def averaged_design(self, last_fraction: float = 0.3) -> dict[str, float]:
-        """Mean design over the last ``last_fraction`` of the steps (Polyak averaging of SGD iterates)."""
+        """Mean design over the last ``last_fraction`` (in (0, 1]) of the steps (Polyak averaging of SGD iterates)."""
+        if not self.design:
+            raise ValueError("the history is empty: no optimisation step was recorded")
+        if not 0 < last_fraction <= 1:
+            raise ValueError(f"last_fraction must lie in (0, 1], got {last_fraction!r}")
         tail = self.design[-max(1, int(len(self.design) * last_fraction)):]
         return {name: sum(d[name] for d in tail) / len(tail) for name in tail[0]}
 
@@ -482,19 +486,24 @@ class TrackerDesign(nn.Module):
         hits = state_jacobian[..., :2, :]  # (n, L, 2, 5)
 
         # Scattering angles (alpha_1 transverse to the direction in phi, alpha_2 in theta) at layer j.
-        centre = state[:, 0]
+        # A layer the track misses (it curls back before it) has no state: finite placeholders there
+        # (identity Jacobian, unit direction and q/p), whose terms are masked out below.
+        crossed = valid[..., None]  # (n, L, 1)
+        centre = torch.where(crossed, state[:, 0], 1.0)
         kick = pt.new_zeros(n, n_all, 5, 2)
         kick[..., 2, 0] = 1.0
         kick[..., 3, 1] = 1.0
         kick = kick / torch.stack([torch.sin(centre[..., 3]), torch.ones_like(centre[..., 3])], -1)[..., None, :]
-        response = torch.linalg.solve(state_jacobian, kick)  # D_j^-1 (d state_j / d alpha): (n, L, 5, 2)
+        usable = torch.where(crossed[..., None], state_jacobian, torch.eye(5, dtype=pt.dtype, device=pt.device))
+        response = torch.linalg.solve(usable, kick) * crossed[..., None]  # D_j^-1 (d state_j / d alpha): (n, L, 5, 2)
         layer = torch.arange(n_all, device=pt.device)
         later = layer[:, None] > layer[None, :]  # hit l after scatterer j
         kinks = torch.einsum("nlap,njpb->nlajb", hits, response) * later[None, :, None, :, None]
         kinks = kinks.reshape(n, 2 * n_all, 2 * n_all)
 
-        position = free[:, 0, :, 0:3]
-        cos_incidence = ((position[..., 0] * direction[:, 0, :, 0] + position[..., 1] * direction[:, 0, :, 1])
+        position = torch.where(crossed, free[:, 0, :, 0:3], 1.0)
+        direction = torch.where(crossed, direction[:, 0], 1.0)
+        cos_incidence = ((position[..., 0] * direction[..., 0] + position[..., 1] * direction[..., 1])
                          / position[..., :2].norm(dim=-1)).abs().clamp(min=1e-3)
         paths = self._thicknesses()[None, :] / cos_incidence
         momenta = 1.0 / centre[..., 4].abs()
@@ -525,7 +534,6 @@ class TrackerDesign(nn.Module):
         factor = torch.linalg.cholesky(fit["covariance"])
         information = fit["jacobian"].transpose(1, 2) @ torch.cholesky_solve(fit["jacobian"], factor)
         return torch.linalg.inv(information)
-
 
     def resolutions(self, pt: torch.Tensor, eta: torch.Tensor, charge: float = 1.0) -> dict[str, torch.Tensor]:
         """Per track: ``d0`` and ``z0`` resolutions [mm], ``pt``: relative sigma(pT)/pT, ``phi``, ``theta`` [rad]."""

@@ -441,6 +441,8 @@ class TwoBodyCrossSection(_ProcessModule):
         check_tensor(cos_theta, "cos_theta", shape=(None,))
         if cos_theta.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"cos_theta must be float32 or float64, got {cos_theta.dtype}")
+        if cos_theta.shape[0] == 0:
+            raise ValueError("cos_theta must contain at least one value")
         if bool((cos_theta.detach().abs() > 1).any()):
             raise ValueError("cos_theta must lie in [-1, 1]")
         sqrt_s = _energy_tensor(sqrt_s, cos_theta)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import drjit as dr
 import torch
 
-from pyhybrid.kernels.backend import KernelTypes, cuda_available, kernel_types, llvm_version
+from pyhybrid.kernels.backend import KernelTypes, check_integer, cuda_available, kernel_types, llvm_version
 
 __all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
            "to_drjit", "to_torch", "kernel_function"]
@@ -38,9 +38,7 @@ _DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
 
 def set_threads(n: int) -> None:
     """Set the number of CPU worker threads of Dr.Jit's LLVM backend (>= 1)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be a positive integer, got {n!r}")
-    dr.set_thread_count(n)
+    dr.set_thread_count(check_integer(n, "threads", 1))
 
 
 def get_threads() -> int:

@@ -37,7 +37,7 @@ import drjit as dr
 import torch
 
 from pyhybrid.engine import kernel_function
-from pyhybrid.kernels.backend import KernelTypes, check_seed, types_of
+from pyhybrid.kernels.backend import KernelTypes, check_integer, check_seed, name_tuple, types_of
 from pyhybrid.kernels.observables import OBSERVABLES, bin_indicators, event_shapes, observable, soft_bin_indicators
 from pyhybrid.kernels.shower import ShowerResult, ShowerSettings, boundary_emission
 
@@ -157,11 +157,11 @@ class GradientEstimator(ABC):
     def estimate(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int,
                  parameters: Sequence[str] = PARAMETERS) -> Estimate:
         """Values and per-event derivative contributions as torch tensors (no autograd)."""
-        _check_parameters(parameters)
+        parameters = _check_parameters(parameters)
         settings = shower.settings()
         types = shower.kernel_types()
         values, derivatives = self.per_event(types, settings, observable_spec, _check_count(n_events),
-                                             check_seed(seed), tuple(parameters))
+                                             check_seed(seed), parameters)
         return Estimate(_stack(values, types), {p: _stack(d, types) for p, d in derivatives.items()})
 
     def __call__(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int) -> torch.Tensor:
@@ -202,13 +202,13 @@ def _stack(arrays, types: KernelTypes) -> torch.Tensor:
     return torch.stack([a.torch() for a in arrays], dim=-1)
 
 
-def _check_parameters(parameters) -> None:
+def _check_parameters(parameters) -> tuple:
+    parameters = name_tuple(parameters)
     unknown = [p for p in parameters if p not in PARAMETERS]
     if unknown:
         raise ValueError(f"parameters must be among {PARAMETERS}, got {unknown}")
+    return parameters
 
 
 def _check_count(n_events) -> int:
-    if not isinstance(n_events, int) or isinstance(n_events, bool) or n_events < 2:
-        raise ValueError(f"n_events must be an integer >= 2, got {n_events!r}")
-    return n_events
+    return check_integer(n_events, "n_events", 2)

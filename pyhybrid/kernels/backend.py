@@ -8,6 +8,7 @@ caller asks for (:func:`kernel_types`) or from an input array
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -107,11 +108,25 @@ class KernelTypes:
         return rng
 
 
+def check_integer(value, name: str, low: int, high: int | None = None) -> int:
+    """``value`` as a Python int if it is an integer (Python or numpy; not a bool) in [low, high]
+    (no upper bound for None), else ValueError naming ``name``."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value > high)):
+        bounds = "a positive integer" if (low, high) == (1, None) else (
+            f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return int(value)
+
+
+def name_tuple(names) -> tuple:
+    """One name (a str) or an iterable of names as a tuple of names (a str is not split into letters)."""
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def check_seed(seed) -> int:
     """``seed`` if it is an integer in [0, 2^64) (the 64 bits :meth:`KernelTypes.rng` uses), else ValueError."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return seed
+    return check_integer(seed, "seed", 0, 2**64 - 1)
 
 
 def _mix32(x):

@@ -50,7 +50,7 @@ from typing import Any
 import drjit as dr
 import numpy as np
 
-from pyhybrid.kernels.backend import KernelTypes, types_of
+from pyhybrid.kernels.backend import KernelTypes, check_integer, types_of
 
 __all__ = ["E_S", "SAMPLING_COEFFICIENT", "Material", "MATERIALS", "Design", "Segmentation", "EffectiveMedium",
            "ProfileDistribution", "effective_medium", "profile_distribution", "fluctuated_profile",
@@ -155,9 +155,7 @@ class Segmentation:
 
     def __post_init__(self):
         for name in ("n_layers", "layers_per_segment", "n_cells"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, check_integer(getattr(self, name), name, 1))
         if self.n_layers % self.layers_per_segment:
             raise ValueError(f"n_layers ({self.n_layers}) must be a multiple of layers_per_segment "
                              f"({self.layers_per_segment})")

@@ -47,7 +47,7 @@ from typing import Sequence
 import drjit as dr
 
 from pyhybrid.kernels import dual as dm
-from pyhybrid.kernels.backend import KernelTypes, types_of
+from pyhybrid.kernels.backend import KernelTypes, check_integer, types_of
 from pyhybrid.kernels.material import Material, interact
 from pyhybrid.kernels.steppers import RK4, AdaptiveRKN, TangentColumn, nystrom_step
 from pyhybrid.kernels.surfaces import NO_INTERSECTION, Cylinder, Disk, Plane
@@ -151,8 +151,7 @@ class PropagationOptions:
         for name in ("surface_tolerance", "max_path", "world_radius", "world_half_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not (isinstance(self.max_steps, int) and self.max_steps > 0):
-            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        object.__setattr__(self, "max_steps", check_integer(self.max_steps, "max_steps", 1))
 
 
 # ---------------------------------------------------------------- targets of one stepping loop

@@ -65,7 +65,7 @@ import drjit as dr
 
 from pyhybrid.kernels import dual
 from pyhybrid.kernels.alphas import CA, CF, MB, MC, TR, RunningCoupling
-from pyhybrid.kernels.backend import KernelTypes
+from pyhybrid.kernels.backend import KernelTypes, check_integer
 from pyhybrid.kernels.electroweak import QUARKS, SMParameters, fermion
 from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import chiral_sums
@@ -118,8 +118,7 @@ class ShowerSettings:
         if not low <= self.sqrt_s <= high:
             raise ValueError(f"sqrt_s must lie in [{low}, {high}] GeV (five massless flavours, below the "
                              f"t tbar threshold), got {self.sqrt_s}")
-        if not isinstance(self.max_particles, int) or not 4 <= self.max_particles <= 1024:
-            raise ValueError(f"max_particles must be an integer in [4, 1024], got {self.max_particles!r}")
+        object.__setattr__(self, "max_particles", check_integer(self.max_particles, "max_particles", 4, 1024))
         if self.cutoff_width < 0.0 or self.cutoff_width > 1.0:
             raise ValueError(f"cutoff_width must lie in [0, 1] (ln t units), got {self.cutoff_width}")
         s = self.sqrt_s**2
@@ -670,8 +669,7 @@ def run_shower(types: KernelTypes, n_events: int, settings: ShowerSettings, seed
     stochastic_ad: choose each event's Stochastic-AD alternative trial.
     All arrays of the result are evaluated.
     """
-    if not isinstance(n_events, int) or n_events < 1:
-        raise ValueError(f"n_events must be a positive integer, got {n_events!r}")
+    n_events = check_integer(n_events, "n_events", 1)
     if tangents and (flip_trial is not None or stochastic_ad):
         raise ValueError("tangents (relaxed estimator) cannot be combined with Stochastic-AD options")
     if n_events * settings.max_particles >= 2**32:

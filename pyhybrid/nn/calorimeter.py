@@ -16,6 +16,7 @@ from torch import nn
 
 from pyhybrid import engine
 from pyhybrid.kernels import calorimeter as kernel
+from pyhybrid.kernels.backend import check_integer, name_tuple
 from pyhybrid.kernels.calorimeter import MATERIALS, Design, Material, Segmentation
 
 __all__ = ["SamplingCalorimeter", "Material", "MATERIALS"]
@@ -106,13 +107,11 @@ class SamplingCalorimeter(nn.Module):
                  quadrature_points: int = 6, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.segmentation = Segmentation(n_layers, layers_per_segment, n_cells)
-        if not isinstance(quadrature_points, int) or not 1 <= quadrature_points <= 32:
-            raise ValueError(f"quadrature_points must be an integer in [1, 32], got {quadrature_points!r}")
-        self.quadrature_points = quadrature_points
+        self.quadrature_points = check_integer(quadrature_points, "quadrature_points", 1, 32)
         design = Design.from_materials(_material(absorber), _material(active),
                                        absorber_thickness=absorber_thickness, active_thickness=active_thickness,
                                        cell_size=cell_size, noise=noise, sampling_coefficient=sampling_coefficient)
-        trainable = tuple(trainable)
+        trainable = name_tuple(trainable)
         unknown = set(trainable) - set(Design.field_names())
         if unknown:
             raise ValueError(f"trainable names {sorted(unknown)} are not design fields {Design.field_names()}")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pyhybrid import engine
+from pyhybrid.kernels.backend import name_tuple
 from pyhybrid.kernels.material import MATERIALS as TRACKER_MATERIALS
 from pyhybrid.kernels.material import highland_theta0
 from pyhybrid.kernels.propagation import PARTICLES
@@ -392,7 +393,7 @@ class TrackerDesign(nn.Module):
         values = {"radii": radii, "thickness": _as_layer_tensor(thickness, n, "thickness"),
                   "resolution_rphi": _as_layer_tensor(resolution_rphi, n, "resolution_rphi"),
                   "resolution_z": _as_layer_tensor(resolution_z, n, "resolution_z")}
-        trainable = tuple(trainable)
+        trainable = name_tuple(trainable)
         unknown = set(trainable) - set(values)
         if unknown:
             raise ValueError(f"trainable names {sorted(unknown)} are not in {sorted(values)}")

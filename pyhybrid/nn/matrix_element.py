@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import check_tensor, kernel_function
-from pyhybrid.kernels.backend import types_of
+from pyhybrid.kernels.backend import check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf
 from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import GEV2_TO_PB, get_process
@@ -525,8 +525,7 @@ def rambo_momenta(sqrt_s, masses: torch.Tensor, n_events: int, seed: int = 0):
         raise ValueError(f"masses must list at least 2 outgoing particles, got {n_out}")
     if bool((masses.detach() < 0).any()):
         raise ValueError("masses must be non-negative")
-    if not isinstance(n_events, int) or n_events < 1:
-        raise ValueError(f"n_events must be a positive integer, got {n_events!r}")
+    n_events = check_integer(n_events, "n_events", 1)
     sqrt_s = _scalar_tensor(sqrt_s, "sqrt_s", masses)
     if float(sqrt_s.detach()) <= float(masses.detach().sum()):
         raise ValueError(f"sqrt_s = {float(sqrt_s.detach()):.6g} GeV is below threshold sum(masses) = "

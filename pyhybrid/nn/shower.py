@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import check_tensor, to_drjit, types_for
-from pyhybrid.kernels.backend import check_seed
+from pyhybrid.kernels.backend import check_integer, check_seed
 from pyhybrid.kernels.observables import event_shapes as _event_shapes
 from pyhybrid.kernels.shower import ShowerSettings, run_shower
 
@@ -101,8 +101,7 @@ class PartonShower(nn.Module):
 
     def forward(self, n_events: int, seed: int = 0) -> ShowerEvents:
         """Generate ``n_events`` showered events (no gradient; see :mod:`pyhybrid.estimators`)."""
-        if not isinstance(n_events, int) or isinstance(n_events, bool) or n_events < 1:
-            raise ValueError(f"n_events must be a positive integer, got {n_events!r}")
+        n_events = check_integer(n_events, "n_events", 1)
         settings = self.settings()
         result = run_shower(self.kernel_types(), n_events, settings, check_seed(seed))
         if bool(result.overflow.torch().any()):

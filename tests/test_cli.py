@@ -67,3 +67,51 @@ def test_bench_memory_counts_the_peak_of_the_calls_only():
 def test_bench_rejects_unknown_case():
     result = CliRunner().invoke(main, ["bench", "--case", "no-such-case"])
     assert result.exit_code != 0 and "unknown case" in result.output
+
+
+def test_ctrl_c_in_a_batch_loop_stops_after_the_batch_and_twice_at_once():
+    import os
+    import signal
+    import time
+
+    from pyhybrid.progress import progress_bar
+
+    before = signal.getsignal(signal.SIGINT)
+    with progress_bar(3, "batches") as advance:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler has run: recorded, not raised
+        with pytest.raises(KeyboardInterrupt):
+            advance(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt), progress_bar(3, "batches"):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_stops_a_run_and_keeps_the_written_events(tmp_path):
+    """SIGINT while `run shower` writes batches: it stops within seconds (it used to go on when the
+    signal arrived inside a weakref callback), and the file holds whole batches."""
+    import signal
+    import time
+
+    import h5py
+
+    output = tmp_path / "showers.h5"
+    command = [sys.executable, "-m", "pyhybrid.cli", "run", "shower", "--events", "100000000", "--batch", "20000",
+               "-o", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (output.exists() and output.stat().st_size > 2**20) and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the first batch is on disk
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1 and "Aborted!" in out, out
+    with h5py.File(output, "r") as f:
+        n_events = int(f["n_events"][0])
+    assert n_events > 0 and n_events % 20000 == 0

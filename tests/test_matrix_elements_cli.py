@@ -76,8 +76,10 @@ def test_cross_section_only_and_options(tmp_path):
     (["--sin2w", "1.5"], "must lie in (0, 1)"),
     (["--mz", "-91"], "must be positive"),
     (["--mapping", "rambo", "--precision", "float32"], "needs --precision float64"),
+    (["--lhe", "x.h5"], "the LHE file must differ from the HDF5 output"),
 ])
-def test_bad_input_gives_clear_errors(tmp_path, args, message):
-    result = _run(*args, "-o", str(tmp_path / "x.h5"))
+def test_bad_input_gives_clear_errors(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = _run(*args, "-o", "x.h5")
     assert result.exit_code != 0
     assert message in result.output

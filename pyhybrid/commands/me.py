@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import click
 import numpy as np
@@ -135,6 +136,8 @@ def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha,
 
     if alpha is not None and gf is not None:
         raise click.BadParameter("give either --alpha or --gf, not both", param_hint="--gf")
+    if lhe is not None and os.path.abspath(lhe) == os.path.abspath(output):
+        raise click.BadParameter("the LHE file must differ from the HDF5 output (-o)", param_hint="--lhe")
     for name, value in (("--mz", mz), ("--gamma-z", gamma_z), ("--alpha-s", alpha_s), ("--top-mass", top_mass),
                         ("--alpha", alpha), ("--gf", gf)):
         if value is not None and not (math.isfinite(value) and value > 0):

@@ -63,6 +63,27 @@ def test_append_rejects_wrong_shapes(tmp_path):
                 writer.append(3, fixed, bad)
 
 
+def test_append_rejects_values_the_stored_dtype_would_change(tmp_path):
+    """Fractions, NaN or out-of-range numbers into an integer dataset, and non-numbers anywhere, are
+    refused (numpy would truncate or wrap them silently); nothing is written by a refused batch."""
+    rng = np.random.default_rng(4)
+    with EventWriter(tmp_path / "x.h5", fixed=FIXED, jagged=JAGGED) as writer:
+        fixed, jagged = _batch(rng, 3)
+        counts, pdg = jagged["pdg"]
+        assert pdg.size > 0
+        for values, error, message in [(pdg + 0.5, TypeError, "'pdg' is stored as int32, got float64 values"),
+                                       (np.full(pdg.shape, 2**40), ValueError, "outside the range of int32")]:
+            with pytest.raises(error, match=message):
+                writer.append(3, fixed, {**jagged, "pdg": (counts, values)})
+        with pytest.raises(TypeError, match="'weight' is stored as float32, got <U3 values"):
+            writer.append(3, {**fixed, "weight": np.array(["1.0", "2.0", "3.0"])}, jagged)
+        assert writer.n_events == 0
+        writer.append(3, {**fixed, "weight": np.array([1, 2, 3])}, {**jagged, "pdg": (counts, pdg.astype(np.int64))})
+    events = read_events(tmp_path / "x.h5")
+    np.testing.assert_array_equal(events.fixed["weight"], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(events.jagged["pdg"][1], pdg)
+
+
 def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
     rng = np.random.default_rng(3)
     with EventWriter(tmp_path / "x.h5", fixed=FIXED, jagged=JAGGED) as writer:

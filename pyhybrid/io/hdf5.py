@@ -140,6 +140,7 @@ class EventWriter:
             want = (n_events, *self._fixed_shapes[name])
             if values.shape != want:
                 raise ValueError(f"fixed array {name!r} must have shape {want}, got {values.shape}")
+            _check_storable(f"fixed array {name!r}", values, self._file["fixed"][name].dtype)
         for name, (counts, values) in jagged.items():
             counts = np.asarray(counts)
             if counts.shape != (n_events,) or not np.issubdtype(counts.dtype, np.integer) or (
@@ -147,6 +148,8 @@ class EventWriter:
                 raise ValueError(f"jagged array {name!r}: counts must be {n_events} non-negative integers")
             if np.asarray(values).shape != (int(counts.sum()),):
                 raise ValueError(f"jagged array {name!r}: values must be flat with counts.sum() entries")
+            _check_storable(f"jagged array {name!r}", np.asarray(values),
+                            self._file["jagged"][name]["values"].dtype)
 
         start = self.n_events
         for name, values in fixed.items():
@@ -176,6 +179,21 @@ class EventWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_storable(what: str, values: np.ndarray, dtype: np.dtype) -> None:
+    """Values that the dataset's dtype would silently change: fractions or NaN into an integer
+    dataset, integers outside its range, non-numbers (a float dataset takes any real number;
+    float64 into float32 rounds, as declared)."""
+    if np.issubdtype(dtype, np.integer):
+        if not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
+            raise TypeError(f"{what} is stored as {dtype}, got {values.dtype} values: round and cast them first")
+        limits = np.iinfo(dtype)
+        if values.size and (values.min() < limits.min or values.max() > limits.max):
+            raise ValueError(f"{what}: values outside the range of {dtype} [{limits.min}, {limits.max}]")
+    elif not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_) or \
+            np.issubdtype(values.dtype, np.complexfloating):
+        raise TypeError(f"{what} is stored as {dtype}, got {values.dtype} values")
 
 
 @dataclass

@@ -355,6 +355,10 @@ def test_rejects_non_finite_momenta_and_bad_shapes():
         MatrixElement("ee_mumu")(torch.zeros(0, 4, 4))
     with pytest.raises(ValueError, match="cos_theta must contain at least one value"):
         TwoBodyCrossSection("ee_mumu")(torch.zeros(0, dtype=torch.float64), 91.0)
+    with pytest.raises(ValueError, match=r"sqrt_s must be a number or a 0-d tensor, got shape \(2,\)"):
+        TwoBodyCrossSection("ee_mumu").double().cross_section(torch.tensor([91.0, 92.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_nodes must be a positive integer"):
+        TwoBodyCrossSection("ee_mumu").double().cross_section(91.0, n_nodes=0)
 
 
 def test_rejects_unknown_flavour_and_process():

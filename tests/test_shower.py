@@ -346,7 +346,7 @@ def test_module_generates_padded_events():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"alpha_s_mz": 0.5}, "alpha_s must lie"),
-    ({"alpha_s_mz": float("nan")}, "alpha_s_mz must be a finite number"),
+    ({"alpha_s_mz": float("nan")}, "alpha_s must be a finite number"),
     ({"t0": 0.1}, "t0 must exceed"),
     ({"t0": 3000.0}, "t0 must be below s / 4"),
     ({"sqrt_s": 5.0}, "sqrt_s must lie"),

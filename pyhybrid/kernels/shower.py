@@ -110,7 +110,8 @@ class ShowerSettings:
         for name in ("alpha_s_mz", "t0", "sqrt_s", "cutoff_width"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                shown = "alpha_s" if name == "alpha_s_mz" else name  # the name users pass (alpha_s(mZ))
+                raise ValueError(f"{shown} must be a finite number, got {value!r}")
         low, high = ALPHA_S_RANGE
         if not low <= self.alpha_s_mz <= high:
             raise ValueError(f"alpha_s must lie in [{low}, {high}] (alpha_s(mZ)), got {self.alpha_s_mz}")

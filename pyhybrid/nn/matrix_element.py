@@ -463,7 +463,9 @@ class TwoBodyCrossSection(_ProcessModule):
         accurate to 1e-14 at 1 TeV, 5e-7 at 3 TeV and 3 % low at 14 TeV, where 256 nodes
         are needed (compare two node counts when far above threshold).
         """
-        nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
+        if isinstance(sqrt_s, torch.Tensor) and sqrt_s.dim() != 0:
+            raise ValueError(f"sqrt_s must be a number or a 0-d tensor, got shape {tuple(sqrt_s.shape)}")
+        nodes, weights = np.polynomial.legendre.leggauss(check_integer(n_nodes, "n_nodes", 1))
         device = self.mz.device
         nodes = torch.as_tensor(nodes, dtype=dtype, device=device)
         weights = torch.as_tensor(weights, dtype=dtype, device=device)

@@ -372,6 +372,14 @@ def test_rejects_unknown_flavour_and_process():
         HardProcess("ee_qqg", 91.2, flavour="top")
 
 
+@pytest.mark.parametrize("values, message", [({"gamma_z": -2.5}, "parameter gamma_z must be positive"),
+                                             ({"sin2_theta_w": 1.0}, r"sin2_theta_w must lie in \(0, 1\)"),
+                                             ({"mz": float("nan")}, "parameter mz must be finite")])
+def test_hard_process_rejects_invalid_sm_parameters(values, message):
+    with pytest.raises(ValueError, match=message):
+        HardProcess("ee_mumu", 91.2, params=SMParameters(**values))
+
+
 def test_rejects_bad_parameter_values():
     with pytest.raises(ValueError, match="sin2_theta_w must lie in"):
         MatrixElement("ee_mumu", sin2_theta_w=1.2)

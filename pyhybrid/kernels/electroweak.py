@@ -19,13 +19,14 @@ Conventions
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, fields
 from typing import Any
 
 import drjit as dr
 
 __all__ = ["Fermion", "FERMIONS", "QUARKS", "SMParameters", "DEFAULTS", "alpha_from_gf",
-           "fermion", "z_couplings"]
+           "check_parameter_value", "fermion", "z_couplings"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,27 @@ class SMParameters:
     sin2_theta_w: Any = 0.2312
     alpha_s: Any = 0.118
     top_mass: Any = 172.5
+
+    def check(self) -> "SMParameters":
+        """ValueError for an attribute given as a number that is not a valid value (see
+        :func:`check_parameter_value`); Dr.Jit arrays are left to the caller. Returns self."""
+        for entry in fields(self):
+            value = getattr(self, entry.name)
+            if isinstance(value, numbers.Real):
+                check_parameter_value(entry.name, float(value))
+        return self
+
+
+def check_parameter_value(name: str, value: float) -> None:
+    """ValueError unless ``value`` is finite and in range: sin2_theta_w in (0, 1), every other
+    parameter (masses, width, couplings, G_F) positive."""
+    if not math.isfinite(value):
+        raise ValueError(f"parameter {name} must be finite, got {value}")
+    if name == "sin2_theta_w":
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"parameter sin2_theta_w must lie in (0, 1), got {value}")
+    elif value <= 0.0:
+        raise ValueError(f"parameter {name} must be positive, got {value}")
 
 
 #: Default values (LEP Z mass and width, alpha(mZ), effective sin^2 thetaW, alpha_s(mZ), m_top).

@@ -85,6 +85,7 @@ class HardProcess:
             raise ValueError(f"mapping must be one of {MAPPINGS}, got {self.mapping!r}")
         if not (isinstance(self.sqrt_s, (int, float)) and math.isfinite(self.sqrt_s) and self.sqrt_s > 0):
             raise ValueError(f"sqrt_s must be a positive finite number [GeV], got {self.sqrt_s!r}")
+        self.params.check()
         check_threshold(self.sqrt_s, self.process.outgoing_masses(self.params))
         if self.process.n_out == 3 and not 0.0 < self.y_cut < 1.0 / 3.0:
             raise ValueError(f"y_cut must lie in (0, 1/3) for {self.process.name}, got {self.y_cut}")

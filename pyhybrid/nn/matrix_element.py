@@ -37,7 +37,7 @@ from torch import nn
 
 from pyhybrid.engine import check_tensor, kernel_function
 from pyhybrid.kernels.backend import check_integer, types_of
-from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf
+from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
 from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import GEV2_TO_PB, get_process
 from pyhybrid.kernels.phase_space import flux_factor, incoming_momenta, kinematic_residuals, rambo, two_body
@@ -326,7 +326,7 @@ class _ProcessModule(nn.Module):
         values["gf" if self.scheme == "gmu" else "alpha"] = gf if gf is not None else (
             DEFAULTS.alpha if alpha is None else alpha)
         for name, value in values.items():
-            _check_parameter_value(name, value)
+            check_parameter_value(name, value)
             self.register_parameter(name, _parameter(value))
 
     @property
@@ -342,8 +342,8 @@ class _ProcessModule(nn.Module):
 
     def _parameter_tensors(self, like: torch.Tensor) -> list[torch.Tensor]:
         for name in ("mz", "gamma_z", "sin2_theta_w", "alpha_s", "top_mass"):
-            _check_parameter_value(name, float(getattr(self, name).detach()))
-        _check_parameter_value("gf" if self.scheme == "gmu" else "alpha", float(self.coupling.detach()))
+            check_parameter_value(name, float(getattr(self, name).detach()))
+        check_parameter_value("gf" if self.scheme == "gmu" else "alpha", float(self.coupling.detach()))
         params = (self.mz, self.gamma_z, self.coupling, self.sin2_theta_w, self.alpha_s, self.top_mass)
         return [p.to(dtype=like.dtype, device=like.device) for p in params]
 
@@ -354,16 +354,6 @@ class _ProcessModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"process={self.process.name!r}, flavour={self.flavour!r}, scheme={self.scheme!r}"
-
-
-def _check_parameter_value(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"parameter {name} must be finite, got {value}")
-    if name == "sin2_theta_w":
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"parameter sin2_theta_w must lie in (0, 1), got {value}")
-    elif value <= 0.0:
-        raise ValueError(f"parameter {name} must be positive, got {value}")
 
 
 class MatrixElement(_ProcessModule):

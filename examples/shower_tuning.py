@@ -53,6 +53,7 @@ def fit(estimator, spec, data, data_variance, steps: int, n_events: int, learnin
         loss = chi2(estimator(shower, spec, n_events, seed=1000 + step), data, data_variance)
         loss.backward()
         optimizer.step()
+        shower.project()  # keep alpha_s (and t0) in the shower's valid region
         schedule.step()
         history.append(float(shower.alpha_s.detach()))
         losses.append(float(loss.detach()))

@@ -151,6 +151,16 @@ def test_bad_input_is_rejected():
         Relaxed(bin_width=-1.0)
     with pytest.raises(ValueError, match="cutoff_width"):
         Relaxed(cutoff_width=2.0)
+    with pytest.raises(ValueError, match="cutoff_width must be a number in"):
+        Relaxed(cutoff_width="0.1")
+    with pytest.raises(ValueError, match="bin_width must be a positive finite number"):
+        Relaxed(bin_width=math.inf)
+    with pytest.raises(ValueError, match="edges must be"):
+        HistogramObservable("thrust", "ab")
+    with pytest.raises(TypeError, match="observable_spec must be a HistogramObservable, got tuple"):
+        ScoreFunction().estimate(PartonShower(), ("log10_y23", (-3.0, -2.0)), 100, seed=0)
+    with pytest.raises(TypeError, match="shower must be a pyhybrid.nn.PartonShower, got NoneType"):
+        StochasticAD()(None, SPEC, 100, seed=0)
     with pytest.raises(ValueError, match="n_events"):
         ScoreFunction().estimate(PartonShower(), SPEC, 1, seed=0)
     with pytest.raises(ValueError, match="seed"):

@@ -11,7 +11,7 @@ from pyhybrid.kernels import dual
 from pyhybrid.kernels.alphas import RunningCoupling
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.lorentz import FourVector
-from pyhybrid.kernels.observables import event_shapes, histogram
+from pyhybrid.kernels.observables import bin_indicators, event_shapes, histogram
 from pyhybrid.kernels.shower import (FIRST_COLOUR, GLUON, NO_PARTNER, ShowerSettings, cs_kinematics,
                                      hard_process_fractions, run_shower)
 from pyhybrid.nn.shower import PartonShower, event_shapes as torch_event_shapes
@@ -268,10 +268,16 @@ def test_event_shape_tangents_match_finite_differences(events64):
     assert np.isclose(shapes.dthrust.numpy(), fd, rtol=1e-4, atol=1e-8).mean() > 0.995
 
 
-def test_histogram_counts_like_numpy():
-    x = F64.Float(np.random.default_rng(0).normal(size=10_000))
+def test_histogram_and_bin_indicators_count_like_numpy_including_the_last_edge():
+    """Bins [lo, hi), the last [lo, hi]: values on the last edge (thrust = 1 of events without
+    emission) are counted, values on inner edges go to the upper bin, outside ones nowhere."""
     edges = [-2.0, -1.0, 0.0, 0.5, 3.0]
-    assert np.array_equal(histogram(x, edges).numpy(), np.histogram(x.numpy(), edges)[0])
+    values = np.concatenate([np.random.default_rng(0).normal(size=10_000), edges, [-2.5, 3.5, 3.0]])
+    x = F64.Float(values)
+    expected = np.histogram(values, edges)[0]
+    assert np.array_equal(histogram(x, edges).numpy(), expected)
+    indicators = np.stack([b.numpy() for b in bin_indicators(x, edges)], axis=1)
+    assert np.array_equal(indicators.sum(0), expected) and indicators.sum(1).max() == 1
 
 
 # ---------------------------------------------------------------- distributions vs the reference
@@ -346,6 +352,8 @@ def test_module_generates_padded_events():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"alpha_s_mz": 0.5}, "alpha_s must lie"),
+    ({"alpha_s_mz": 0.15, "t0": 50.0}, r"alpha_s must lie in \[0.05, 0.14\]"),
+    ({"alpha_s_mz": "0.1"}, "alpha_s must be a finite number"),
     ({"alpha_s_mz": float("nan")}, "alpha_s must be a finite number"),
     ({"t0": 0.1}, "t0 must exceed"),
     ({"t0": 3000.0}, "t0 must be below s / 4"),
@@ -358,6 +366,24 @@ def test_module_generates_padded_events():
 def test_settings_reject_out_of_range_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ShowerSettings(**kwargs)
+
+
+def test_every_alpha_s_of_the_range_runs_with_a_valid_t0_and_project_moves_back_into_it():
+    """The whole ALPHA_S_RANGE works (t0 above the scale where alpha_s = 1, which grows with alpha_s);
+    after an optimiser step out of the valid region, project() makes the module usable again."""
+    for alpha_s in (0.05, 0.118, 0.14):
+        lowest = RunningCoupling(alpha_s).lowest_valid_scale()
+        PartonShower(alpha_s=alpha_s, t0=1.05 * max(lowest, 0.5))(20, seed=1)
+    shower = PartonShower(alpha_s=0.125, t0=1.0)
+    for alpha_s, t0, expected_alpha_s in [(0.2, 0.5, 0.14), (0.137, 1.0, 0.137), (0.01, 3000.0, 0.05)]:
+        with torch.no_grad():
+            shower.alpha_s.fill_(alpha_s)
+            shower.t0.fill_(t0)
+        with pytest.raises(ValueError):
+            shower.settings()
+        shower.project()
+        assert shower.alpha_s.item() == pytest.approx(expected_alpha_s)
+        shower(20, seed=2)  # valid again
 
 
 def test_module_rejects_bad_parameters_and_overflow():
@@ -377,6 +403,8 @@ def test_module_rejects_bad_parameters_and_overflow():
 def test_event_shapes_reject_malformed_events():
     good = PartonShower()(20, seed=2)
     momenta, counts = good.momenta, good.n_particles
+    as_tensor = torch_event_shapes(momenta, counts, torch.tensor(91.2))  # sqrt_s also as a 0-d tensor
+    assert torch.equal(as_tensor["thrust"], good.event_shapes()["thrust"])
     with pytest.raises(ValueError, match="momenta must have shape"):
         torch_event_shapes(momenta[..., :3], counts, 91.2)
     with pytest.raises(ValueError, match="n_particles must lie"):

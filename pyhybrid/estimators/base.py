@@ -40,6 +40,7 @@ from pyhybrid.engine import kernel_function
 from pyhybrid.kernels.backend import KernelTypes, check_integer, check_seed, name_tuple, types_of
 from pyhybrid.kernels.observables import OBSERVABLES, bin_indicators, event_shapes, observable, soft_bin_indicators
 from pyhybrid.kernels.shower import ShowerResult, ShowerSettings, boundary_emission
+from pyhybrid.nn.shower import PartonShower
 
 __all__ = ["PARAMETERS", "HistogramObservable", "Estimate", "GradientEstimator", "shapes_of", "check_overflow",
            "boundary_derivative", "leave_one_out_baseline"]
@@ -59,7 +60,10 @@ class HistogramObservable:
     def __post_init__(self):
         if self.name not in OBSERVABLES:
             raise ValueError(f"observable must be one of {', '.join(OBSERVABLES)}, got {self.name!r}")
-        edges = tuple(float(e) for e in self.edges)
+        try:
+            edges = tuple(float(e) for e in self.edges)
+        except (TypeError, ValueError):
+            edges = ()
         if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"edges must be >= 2 finite, strictly increasing numbers, got {self.edges!r}")
         object.__setattr__(self, "edges", edges)
@@ -157,6 +161,7 @@ class GradientEstimator(ABC):
     def estimate(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int,
                  parameters: Sequence[str] = PARAMETERS) -> Estimate:
         """Values and per-event derivative contributions as torch tensors (no autograd)."""
+        _check_inputs(shower, observable_spec)
         parameters = _check_parameters(parameters)
         settings = shower.settings()
         types = shower.kernel_types()
@@ -166,6 +171,7 @@ class GradientEstimator(ABC):
 
     def __call__(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int) -> torch.Tensor:
         """Features F (n_events, K) of ``shower``'s events; backward applies this estimator."""
+        _check_inputs(shower, observable_spec)
         parameters = tuple(name for name in PARAMETERS if getattr(shower, name).requires_grad)
         alpha_s, t0 = shower.parameter_tensors()
         apply = kernel_function(_forward, vjp=_vjp, estimator=self, observable_spec=observable_spec,
@@ -200,6 +206,13 @@ def _stack(arrays, types: KernelTypes) -> torch.Tensor:
     arrays = [types.Float(a) for a in arrays]
     dr.eval(*arrays)
     return torch.stack([a.torch() for a in arrays], dim=-1)
+
+
+def _check_inputs(shower, observable_spec) -> None:
+    if not isinstance(shower, PartonShower):
+        raise TypeError(f"shower must be a pyhybrid.nn.PartonShower, got {type(shower).__name__}")
+    if not isinstance(observable_spec, HistogramObservable):
+        raise TypeError(f"observable_spec must be a HistogramObservable, got {type(observable_spec).__name__}")
 
 
 def _check_parameters(parameters) -> tuple:

@@ -31,6 +31,8 @@ cutoff (``cutoff_width=0``) the t0 derivative is the boundary term of
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import replace
 from typing import Sequence
 
@@ -59,10 +61,10 @@ class Relaxed(GradientEstimator):
     name = "relaxed"
 
     def __init__(self, bin_width: float | None = None, likelihood_ratio: bool = True, cutoff_width: float = 0.0):
-        if bin_width is not None and not bin_width > 0:
-            raise ValueError(f"bin_width must be positive, got {bin_width}")
-        if not 0.0 <= cutoff_width <= 1.0:
-            raise ValueError(f"cutoff_width must lie in [0, 1], got {cutoff_width}")
+        if bin_width is not None and not (isinstance(bin_width, numbers.Real) and 0 < bin_width < math.inf):
+            raise ValueError(f"bin_width must be a positive finite number or None, got {bin_width!r}")
+        if not (isinstance(cutoff_width, numbers.Real) and 0.0 <= cutoff_width <= 1.0):
+            raise ValueError(f"cutoff_width must be a number in [0, 1], got {cutoff_width!r}")
         self.bin_width = bin_width
         self.likelihood_ratio = bool(likelihood_ratio)
         self.cutoff_width = float(cutoff_width)

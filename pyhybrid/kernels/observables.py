@@ -299,10 +299,14 @@ def observable(shapes: EventShapes, name: str):
 
 
 def bin_indicators(x, edges: Sequence[float]) -> list:
-    """Per event and bin: 1.0 if edges[k] <= x < edges[k + 1], else 0.0 (len(edges) - 1 arrays)."""
+    """Per event and bin: 1.0 if edges[k] <= x < edges[k + 1], else 0.0 (len(edges) - 1 arrays);
+    the last bin includes its upper edge (as numpy.histogram), so that e.g. thrust = 1 (events
+    without emission) falls into a last bin ending at 1."""
     _check_edges(edges)
     F = type(x)
-    return [dr.select((x >= lo) & (x < hi), F(1.0), F(0.0)) for lo, hi in zip(edges[:-1], edges[1:])]
+    last = len(edges) - 2
+    return [dr.select((x >= lo) & ((x <= hi) if k == last else (x < hi)), F(1.0), F(0.0))
+            for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
 
 
 def soft_bin_indicators(x, dx, edges: Sequence[float], width: float):
@@ -331,17 +335,19 @@ def soft_bin_indicators(x, dx, edges: Sequence[float], width: float):
 
 def histogram(x, edges: Sequence[float], weights=None):
     """Counts (or summed weights) per bin of ``x``: a Dr.Jit array of len(edges) - 1 entries.
-    Values outside [edges[0], edges[-1]) are dropped."""
+    Bins as :func:`bin_indicators` (the last one includes edges[-1]); values outside
+    [edges[0], edges[-1]] are dropped."""
     _check_edges(edges)
     types = types_of(x)
     edge_array = types.Float(edges)
     count = len(edges) - 1
     # bin = number of edges <= x, minus one (binary search on the sorted edges)
     position = dr.binary_search(0, len(edges), lambda k: dr.gather(types.Float, edge_array, k) <= x)
-    inside = (x >= edges[0]) & (x < edges[-1])
+    inside = (x >= edges[0]) & (x <= edges[-1])
     counts = dr.zeros(types.Float, count)
     value = types.Float(1.0) if weights is None else weights
-    dr.scatter_reduce(dr.ReduceOp.Add, counts, value, types.UInt32(position) - 1, inside)
+    index = dr.minimum(types.UInt32(position), count) - 1  # x = edges[-1]: the last bin
+    dr.scatter_reduce(dr.ReduceOp.Add, counts, value, index, inside)
     dr.eval(counts)
     return counts
 

@@ -58,6 +58,7 @@ Gradient support (see :mod:`pyhybrid.estimators`), computed in the same kernel:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,8 +83,9 @@ FIRST_COLOUR = 501
 N_FLAVOURS = 5
 #: Allowed centre-of-mass energies [GeV]: five massless flavours, below t tbar threshold.
 SQRT_S_RANGE = (10.0, 340.0)
-#: Allowed alpha_s(mZ).
-ALPHA_S_RANGE = (0.05, 0.25)
+#: Allowed alpha_s(mZ): above 0.1447 the two-loop coupling exceeds 1 at the charm threshold (its
+#: Landau pole lies above mc), where the three-flavour running starts.
+ALPHA_S_RANGE = (0.05, 0.14)
 #: The relaxed (sigmoid) cutoff is truncated CUTOFF_SPAN widths below t0 (sigmoid(-8) = 3e-4).
 CUTOFF_SPAN = 8.0
 
@@ -109,9 +111,10 @@ class ShowerSettings:
     def __post_init__(self):
         for name in ("alpha_s_mz", "t0", "sqrt_s", "cutoff_width"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
                 shown = "alpha_s" if name == "alpha_s_mz" else name  # the name users pass (alpha_s(mZ))
                 raise ValueError(f"{shown} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
         low, high = ALPHA_S_RANGE
         if not low <= self.alpha_s_mz <= high:
             raise ValueError(f"alpha_s must lie in [{low}, {high}] (alpha_s(mZ)), got {self.alpha_s_mz}")

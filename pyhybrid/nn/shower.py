@@ -24,6 +24,7 @@ conserving (sqrt_s, 0, 0, 0)).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ from torch import nn
 from pyhybrid.engine import check_tensor, to_drjit, types_for
 from pyhybrid.kernels.backend import check_integer, check_seed
 from pyhybrid.kernels.observables import event_shapes as _event_shapes
-from pyhybrid.kernels.shower import ShowerSettings, run_shower
+from pyhybrid.kernels.alphas import RunningCoupling
+from pyhybrid.kernels.shower import ALPHA_S_RANGE, ShowerSettings, run_shower
 
 __all__ = ["PartonShower", "ShowerEvents", "event_shapes", "EVENT_SHAPES"]
 
@@ -69,19 +71,31 @@ class ShowerEvents:
 class PartonShower(nn.Module):
     """e+e- -> q qbar at ``sqrt_s`` [GeV] followed by the dipole shower.
 
-    alpha_s: alpha_s(mZ) (two-loop running with thresholds); t0: cutoff [GeV^2];
-    max_particles: slots per event (an event needing more raises an error);
-    dtype/device: of the parameters, hence of the kernels.
+    alpha_s: alpha_s(mZ) in [0.05, 0.14] (two-loop running with thresholds); t0: cutoff [GeV^2],
+    above the scale where alpha_s reaches 1 (which rises with alpha_s: 1 GeV^2 is valid up to
+    alpha_s(mZ) = 0.135) and below s/4; max_particles: slots per event (an event needing more
+    raises an error); dtype/device: of the parameters, hence of the kernels.
+    An optimiser step may leave this region: :meth:`project` moves the parameters back into it.
     """
 
     def __init__(self, alpha_s: float = 0.118, t0: float = 1.0, *, sqrt_s: float = 91.2, max_particles: int = 64,
                  dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
         super().__init__()
-        ShowerSettings(alpha_s_mz=float(alpha_s), t0=float(t0), sqrt_s=float(sqrt_s), max_particles=max_particles)
-        self.alpha_s = nn.Parameter(torch.tensor(float(alpha_s), dtype=dtype, device=device))
-        self.t0 = nn.Parameter(torch.tensor(float(t0), dtype=dtype, device=device))
-        self.sqrt_s = float(sqrt_s)
-        self.max_particles = max_particles
+        settings = ShowerSettings(alpha_s_mz=alpha_s, t0=t0, sqrt_s=sqrt_s, max_particles=max_particles)
+        self.alpha_s = nn.Parameter(torch.tensor(settings.alpha_s_mz, dtype=dtype, device=device))
+        self.t0 = nn.Parameter(torch.tensor(settings.t0, dtype=dtype, device=device))
+        self.sqrt_s = settings.sqrt_s
+        self.max_particles = settings.max_particles
+
+    @torch.no_grad()
+    def project(self, margin: float = 0.01) -> None:
+        """Move alpha_s and t0 (in place) to the nearest valid values, e.g. after an optimiser step:
+        alpha_s into ALPHA_S_RANGE, then t0 into [(1 + margin) t_min(alpha_s), (1 - margin) s/4],
+        t_min being the scale where alpha_s reaches 1."""
+        low, high = ALPHA_S_RANGE
+        self.alpha_s.clamp_(low, high)
+        lowest = RunningCoupling(float(self.alpha_s)).lowest_valid_scale()
+        self.t0.clamp_((1.0 + margin) * lowest, (1.0 - margin) * self.sqrt_s**2 / 4.0)
 
     def parameter_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_s, t0), validated: 0-d, finite, one dtype and device."""
@@ -124,8 +138,8 @@ def event_shapes(momenta: torch.Tensor, n_particles: torch.Tensor, sqrt_s: float
     """Durham y23, y34, y45, y56 and thrust of padded events.
 
     momenta: (N, M, 4) float32/float64 [GeV] (E, px, py, pz), massless particles in the first
-    n_particles[i] slots; n_particles: (N,) integer tensor with 2 <= n <= M; sqrt_s [GeV]:
-    centre-of-mass energy, each event must sum to (sqrt_s, 0, 0, 0) within tolerance * sqrt_s
+    n_particles[i] slots; n_particles: (N,) integer tensor with 2 <= n <= M; sqrt_s [GeV] (a number
+    or a 0-d tensor): centre-of-mass energy, each event must sum to (sqrt_s, 0, 0, 0) within tolerance * sqrt_s
     and have |p^2| <= tolerance * s per particle. Returns {name: (N,) tensor}, no gradient.
     """
     momenta = check_tensor(momenta, "momenta", shape=(None, None, 4))
@@ -139,7 +153,9 @@ def event_shapes(momenta: torch.Tensor, n_particles: torch.Tensor, sqrt_s: float
         raise TypeError(f"n_particles must be an integer tensor, got {n_particles.dtype}")
     if bool(((n_particles < 2) | (n_particles > m)).any()):
         raise ValueError(f"n_particles must lie in [2, {m}] (the slots of momenta)")
-    if not (isinstance(sqrt_s, (int, float)) and 0 < sqrt_s < math.inf):
+    if isinstance(sqrt_s, torch.Tensor) and sqrt_s.dim() == 0:
+        sqrt_s = float(sqrt_s)
+    if not (isinstance(sqrt_s, numbers.Real) and 0 < sqrt_s < math.inf):
         raise ValueError(f"sqrt_s must be a positive finite number [GeV], got {sqrt_s!r}")
     slots = torch.arange(m, device=momenta.device)
     inside = (slots[None, :] < n_particles[:, None]).to(momenta.dtype)[..., None]

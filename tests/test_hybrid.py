@@ -230,7 +230,48 @@ def test_track_encoder_parametrisation_and_input_errors():
         TrackEncoder(2)
 
 
-def test_hit_correction_starts_at_zero_and_respects_reference_layers():
+def test_networks_take_inputs_of_the_other_precision_and_name_wrong_shapes():
+    """A float32 network with float64 physics (and the other way round) runs in its own dtype and
+    answers in the input's; q/pT beyond qpt_max gives finite float32 targets; shapes are named."""
+    p = tracks(6, 12, phi_range=0.01)
+    hits = physics()(p).detach()
+    surrogate = Surrogate((5,), (len(RADII), 2)).calibrate(p, hits)  # float32
+    assert surrogate(p).dtype == torch.float64 and surrogate(p.float()).dtype == torch.float32
+    correction = Correction((5,), (len(RADII), 2), inputs="both").calibrate(p, hits)
+    assert correction(p, hits).dtype == torch.float64
+    encoder = TrackEncoder(len(RADII)).calibrate(hits)
+    assert torch.isfinite(encoder(hits)).all() and encoder(hits).dtype == torch.float64
+    beyond = p.float().clone()
+    beyond[0, 4] = 2.5 * torch.sin(beyond[0, 3])  # q/pT = 2.5 > qpt_max = 2
+    assert torch.isfinite(encoder.float().from_perigee(beyond)).all()
+    encoder.fit_targets(hits.float(), beyond, steps=2)
+    with pytest.raises(ValueError, match=r"y \(physics output\) must have shape"):
+        correction(p, hits[:, :2])
+    with pytest.raises(ValueError, match=r"x \(component input\) must have shape"):
+        correction(p[:, :4], hits)
+    with pytest.raises(ValueError, match=r"outputs must have shape \(6, 4, 2\)"):
+        surrogate.calibrate(p, hits[:, :2])
+
+
+def test_residual_mode_keeps_missed_layers_at_zero_and_empty_batches_give_empty_hits():
+    hits_of = physics()
+    correction = small_correction()
+    with torch.no_grad():
+        for parameter in correction.network.parameters():
+            parameter.normal_(0, 0.3)
+    component = Component(physics=hits_of, correction=correction)
+    p = tracks(3, 13)
+    p[0, 4] = 20.0 * torch.sin(p[0, 3])  # pT 0.05 GeV in 2 T: helix diameter 167 mm, misses r = 250 mm
+    with torch.no_grad():
+        y = component(p)
+    assert not hits_of.valid[0, -1] and hits_of.valid[1:].all()
+    assert (y[0, -1] == 0).all() and (y[0, 0] != 0).all()
+    empty = tracks(0, 1).requires_grad_()
+    out = component(empty)
+    assert out.shape == (0, len(RADII), 2)
+    out.sum().backward()
+    assert empty.grad.shape == (0, 5)
+
     correction = HitCorrection(RADII, layers=[2, 3]).double()
     hits = torch.randn(10, len(RADII), 2, dtype=torch.float64) * 30
     assert correction(None, hits).abs().max() == 0

@@ -87,6 +87,18 @@ def test_frozen_equals_traced_for_changing_batch_sizes(setup, dtype):
     assert recordings[6] == recordings[5] == recordings[4]
 
 
+def test_many_batch_sizes_re_record_without_a_warning(capfd):
+    """More row-capacity classes than the recording limit (varying batch sizes in training): Dr.Jit
+    re-records and evicts, by design, without its warning about frequent re-recording."""
+    prop = Propagator(UniformField((0.0, 0.0, 2.0)), barrel([40.0, 100.0], half_length=400.0))
+    capfd.readouterr()
+    with torch.no_grad():
+        for n in [1, 2, 3, 5, 7, 9, 11, 13, 17, 21, 25, 29, 35, 41, 49, 57, 69, 81, 97, 113, 137, 161, 193, 225,
+                  273, 321, 385, 449]:
+            prop(_params(n))
+    assert "frozen function" not in capfd.readouterr().err
+
+
 def test_row_capacity_classes_leave_at_most_a_fifth_of_the_rows_unused():
     capacities = [prop_module._row_capacity(n) for n in range(1, 5000)]
     assert all(n <= c <= max(n, 1.25 * n) for n, c in zip(range(1, 5000), capacities))

@@ -232,6 +232,12 @@ def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
+def _in_network_dtype(network: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """network(z) computed in the network's dtype (a float32 network takes float64 inputs and the
+    other way round), returned in z's dtype."""
+    return network(z.to(next(network.parameters()).dtype)).to(z.dtype)
+
+
 class Surrogate(nn.Module):
     """A network standing in for a physics component: ``(N, *input_shape) -> (N, *output_shape)``.
 
@@ -251,13 +257,15 @@ class Surrogate(nn.Module):
 
     def calibrate(self, inputs: torch.Tensor, outputs: torch.Tensor) -> "Surrogate":
         """Set the input/output standardisation from samples of the physics component."""
+        check_tensor(inputs, "inputs", shape=(None, *self.input_shape))
+        check_tensor(outputs, "outputs", shape=(inputs.shape[0], *self.output_shape))
         self.input_norm.from_samples(inputs.detach().flatten(1))
         self.output_norm.from_samples(outputs.detach().flatten(1))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor(x, "x", shape=(None, *self.input_shape))
-        z = self.network(self.input_norm(x.flatten(1)))
+        z = _in_network_dtype(self.network, self.input_norm(x.flatten(1)))
         return self.output_norm.inverse(z).reshape(x.shape[0], *self.output_shape)
 
 
@@ -280,7 +288,7 @@ class Correction(nn.Module):
         if inputs not in self.INPUTS:
             raise ValueError(f"inputs must be one of {self.INPUTS}, got {inputs!r}")
         self.inputs = inputs
-        self.output_shape = tuple(output_shape)
+        self.input_shape, self.output_shape = tuple(input_shape), tuple(output_shape)
         n_in = {"input": _numel(input_shape), "output": _numel(output_shape),
                 "both": _numel(input_shape) + _numel(output_shape)}[inputs]
         self.input_norm = Standardize(n_in)
@@ -288,6 +296,9 @@ class Correction(nn.Module):
         self.output_scale = float(output_scale)
 
     def features(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_tensor(y, "y (physics output)", shape=(None, *self.output_shape))
+        if self.inputs != "output":
+            check_tensor(x, "x (component input)", shape=(y.shape[0], *self.input_shape))
         parts = {"input": [x], "output": [y], "both": [x, y]}[self.inputs]
         return torch.cat([p.flatten(1) for p in parts], dim=1)
 
@@ -297,7 +308,7 @@ class Correction(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        delta = self.network(self.input_norm(self.features(x, y))) * self.output_scale
+        delta = _in_network_dtype(self.network, self.input_norm(self.features(x, y))) * self.output_scale
         return delta.reshape(y.shape[0], *self.output_shape)
 
 
@@ -314,6 +325,9 @@ class Component(nn.Module):
     mode: one of :data:`MODES`; default: ``"residual"`` if a correction is given,
         else ``"physics"`` if physics is given, else ``"surrogate"``.
 
+    In residual mode, where the physics module reports a mask ``valid`` of its last call (as
+    :class:`PerigeeHits`: layers a track misses), the correction is applied to the valid entries
+    only, so that missed layers stay zero.
     Switch at any time with ``component.mode = "surrogate"`` (or :meth:`use`);
     a mode whose modules are missing raises a ValueError naming them. Parameters
     of all held modules are registered, so an optimizer built once sees them all;
@@ -355,7 +369,11 @@ class Component(nn.Module):
         y = self.physics(x)
         if self._mode == "physics":
             return y
-        return y + self.correction(x, y)
+        delta = self.correction(x, y)
+        valid = getattr(self.physics, "valid", None)  # PerigeeHits: layers without a hit stay zero
+        if isinstance(valid, torch.Tensor) and valid.shape == y.shape[:valid.dim()]:
+            delta = delta * valid.reshape(*valid.shape, *(1,) * (y.dim() - valid.dim())).to(delta.dtype)
+        return y + delta
 
     def extra_repr(self) -> str:
         return f"mode={self._mode!r}"
@@ -549,7 +567,7 @@ class TrackEncoder(nn.Module):
 
     def raw(self, hits: torch.Tensor) -> torch.Tensor:
         """The network outputs u (N, 5) before conversion to perigee parameters."""
-        return self.network(self.input_norm(self._features(hits)))
+        return _in_network_dtype(self.network, self.input_norm(self._features(hits)))
 
     def to_perigee(self, u: torch.Tensor) -> torch.Tensor:
         """Outputs u (N, 5) -> perigee parameters (N, 5) (see the class docstring)."""
@@ -559,9 +577,11 @@ class TrackEncoder(nn.Module):
                            dim=-1)
 
     def from_perigee(self, params: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`to_perigee` (q/pT is clipped just inside +-qpt_max)."""
+        """Inverse of :meth:`to_perigee` (q/pT is clipped just inside +-qpt_max, by 1e-9 relative
+        or a few float32 rounding steps, so that u stays finite)."""
         d0, z0, phi, theta, qop = params.unbind(-1)
-        qpt = (qop / torch.sin(theta) / self.qpt_max).clamp(-1 + 1e-9, 1 - 1e-9)
+        inside = 1.0 - max(1e-9, 4.0 * torch.finfo(params.dtype).eps)
+        qpt = (qop / torch.sin(theta) / self.qpt_max).clamp(-inside, inside)
         return torch.stack([d0 / self.d0_scale, z0 / self.z0_scale, phi / self.phi_scale,
                             1.0 / torch.tan(theta) / self.cot_scale, torch.atanh(qpt)], dim=-1)
 
@@ -577,8 +597,9 @@ class TrackEncoder(nn.Module):
         """
         check_tensor(params, "params", shape=(hits.shape[0], 5))
         with torch.no_grad():
-            z = self.input_norm(self._features(hits))
-            u = self.from_perigee(params)
+            dtype = next(self.network.parameters()).dtype
+            z = self.input_norm(self._features(hits)).to(dtype)
+            u = self.from_perigee(params).to(dtype)
         return self.network.fit(z, u, steps=steps, batch_size=batch_size, lr=lr, seed=seed, advance=advance)
 
 
@@ -624,7 +645,7 @@ class HitCorrection(nn.Module):
         layer = torch.eye(n_layers, dtype=y.dtype).expand(n, n_layers, n_layers)
         features = torch.cat([layer, torch.cos(phi[..., None] * k), torch.sin(phi[..., None] * k),
                               y[..., 1:2] / self.z_scale], dim=-1)
-        shift = self.network(features.to(self.network[0].weight.dtype)).to(y.dtype)
+        shift = _in_network_dtype(self.network, features)
         return shift * self.output_scale.to(y.dtype) * self.mask.to(y.dtype)[:, None]
 
 

@@ -403,7 +403,8 @@ class Propagator(nn.Module):
 
     def forward(self, params: torch.Tensor, covariance: torch.Tensor | None = None, *,
                 seed: int | None = None) -> PropagationResult:
-        """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p), N >= 1, through the layers.
+        """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p) through the layers
+        (N = 0, e.g. a selection that kept no track, gives empty outputs).
 
         covariance: optional (N, 8, 8) initial free covariance to transport.
         seed: random numbers for scattering="sample" (default: drawn from torch's generator).
@@ -411,8 +412,6 @@ class Propagator(nn.Module):
         check_tensor(params, "params", shape=(None, 8))
         if params.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"params must have dtype torch.float32 or torch.float64, got {params.dtype}")
-        if params.shape[0] == 0:
-            raise ValueError("params must contain at least one track")
         # The kernel normalises by |d| = sqrt(d.d) in the input's precision: d.d must neither be 0 nor overflow.
         length2 = params[:, 4:7].detach().square().sum(dim=1)
         if not bool(((length2 > 0) & torch.isfinite(length2)).all()):
@@ -428,6 +427,8 @@ class Propagator(nn.Module):
             check_tensor(covariance, "covariance", shape=(params.shape[0], 8, 8), dtype=params.dtype,
                          device=params.device)
             inputs.append(covariance.reshape(-1, 64))
+        if params.shape[0] == 0:
+            return self._empty_result(params, covariance is not None)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if self.options.scattering == "sample" else 0
         jacobian = torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:4])
@@ -448,6 +449,19 @@ class Propagator(nn.Module):
         if covariance is not None:
             result.covariance = outputs[4].detach().reshape(n, n_layers, 8, 8)
             result.local_covariance = outputs[5].detach().reshape(n, n_layers, 2, 2)
+        return result
+
+    def _empty_result(self, params: torch.Tensor, with_covariance: bool) -> PropagationResult:
+        """The outputs for no tracks (no kernel runs); in the graph of ``params``, so that a loss
+        summed over them has a (zero) gradient like any other batch."""
+        n_layers, anchor = self.n_layers, params.sum() * 0.0
+        result = PropagationResult(free=params.new_zeros(0, n_layers, 8) + anchor,
+                                   local=params.new_zeros(0, n_layers, 2) + anchor,
+                                   path_length=params.new_zeros(0, n_layers) + anchor,
+                                   valid=torch.zeros(0, n_layers, dtype=torch.bool, device=params.device))
+        if with_covariance:
+            result.covariance = params.new_zeros(0, n_layers, 8, 8)
+            result.local_covariance = params.new_zeros(0, n_layers, 2, 2)
         return result
 
 
@@ -502,6 +516,9 @@ def _propagate(config: _Configuration, field: KernelField, seed, params, field_p
     return tuple(outputs), hits.record
 
 
+_NO_WARNING = 2**31 - 1
+
+
 class _FrozenPropagation:
     """``_propagate`` and the VJP's kernels for one configuration under ``dr.freeze``: the first call
     traces and records the kernels, later calls replay them for the new inputs (any number of
@@ -519,9 +536,10 @@ class _FrozenPropagation:
         # Bound methods, not closures: dr.freeze walks the values a closure captures on every call
         # (the configuration: ~50 dataclasses, ~0.5 ms), while the instance is not traversed.
         # Recordings per input layout and row capacity (see _row_capacity): batch sizes spanning
-        # a factor 2^5 share 20 of them.
-        self.forward = dr.freeze(self._forward, limit=24)
-        self.vjp = dr.freeze(_vjp_sums, limit=24)  # needs nothing of the configuration
+        # a factor 2^5 share 20 of them. Varying batch sizes re-record by design (a recording
+        # costs about one traced call), so Dr.Jit's warning about frequent re-recording is off.
+        self.forward = dr.freeze(self._forward, limit=24, warn_after=_NO_WARNING)
+        self.vjp = dr.freeze(_vjp_sums, limit=24, warn_after=_NO_WARNING)  # needs nothing of the configuration
 
     def _forward(self, *arrays):
         return _propagate(self.config, self.field, 0, *arrays)

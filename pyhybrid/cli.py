@@ -88,7 +88,8 @@ def run():
               help="Devices (repeatable); default: cpu, plus cuda when available.")
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(["float32", "float64"]),
               default=("float32",), show_default=True)
-@click.option("--threads", "max_threads", type=int, default=None, help="Largest CPU thread count (default: all cores).")
+@click.option("--threads", "max_threads", type=click.IntRange(min=1), default=None,
+              help="Largest CPU thread count (default: all cores).")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats (median).")
 @click.option("-o", "--output", default="bench-results", show_default=True, help="Output folder for JSON and PNG.")
 @click.option("--list", "list_only", is_flag=True, help="List registered cases and exit.")
@@ -114,8 +115,6 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
     if "cuda" in devices and not cuda_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
     max_threads = max_threads or os.cpu_count()
-    if max_threads < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--threads")
     rows = harness.run_all(list(cases) or list(registered), devices, list(precisions), max_threads, repeats)
     os.makedirs(output, exist_ok=True)
     json_path = os.path.join(output, "bench.json")

@@ -48,10 +48,15 @@ def test_same_seed_reproduces_and_batches_differ(tmp_path):
 def test_rejects_bad_options(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["run", "calorimeter", "--energy", "0.01", "-o", str(tmp_path / "x.h5")])
-    assert result.exit_code != 0 and "energy-min" in result.output
+    assert result.exit_code != 0 and "'--energy': 0.01 is not in the range x>=0.1" in result.output
     result = runner.invoke(main, ["run", "calorimeter", "--layers", "10", "--layers-per-segment", "3",
                                   "-o", str(tmp_path / "x.h5")])
     assert result.exit_code != 0 and "multiple of layers_per_segment" in result.output
     for option in ("--energy", "--noise", "--cell-size", "--impact-spread"):
         result = runner.invoke(main, ["run", "calorimeter", option, "inf", "-o", str(tmp_path / "x.h5")])
         assert result.exit_code == 2 and "finite" in result.output, (option, result.output)
+    for options, message in [(["--absorber", "scintillator", "--active", "lead"], "must not have a lower Z"),
+                             (["--cells", "16"], "'--cells': 16 is not in the range 1<=x<=15"),
+                             (["--layers", "100000"], "'--layers': 100000 is not in the range 1<=x<=1000")]:
+        result = runner.invoke(main, ["run", "calorimeter", *options, "-o", str(tmp_path / "x.h5")])
+        assert result.exit_code == 2 and message in result.output, (options, result.output)

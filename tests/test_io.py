@@ -84,6 +84,19 @@ def test_append_rejects_values_the_stored_dtype_would_change(tmp_path):
     np.testing.assert_array_equal(events.jagged["pdg"][1], pdg)
 
 
+def test_a_run_failing_before_its_first_batch_leaves_no_file_and_a_later_failure_keeps_the_batches(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "x.h5"
+    with pytest.raises(RuntimeError, match="kernel failed"), EventWriter(path, fixed=FIXED, jagged=JAGGED):
+        raise RuntimeError("kernel failed")
+    assert not path.exists()
+    with pytest.raises(RuntimeError, match="second batch failed"), \
+            EventWriter(path, fixed=FIXED, jagged=JAGGED) as writer:
+        writer.append(2, *_batch(rng, 2))
+        raise RuntimeError("second batch failed")
+    assert read_events(path).n_events == 2
+
+
 def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
     rng = np.random.default_rng(3)
     with EventWriter(tmp_path / "x.h5", fixed=FIXED, jagged=JAGGED) as writer:

@@ -73,8 +73,10 @@ def test_cross_section_only_and_options(tmp_path):
     (["--process", "qq_tt", "--sqrt-s", "300"], "sqrt_s must exceed"),
     (["--process", "ee_qqg", "--y-cut", "0.5"], "y_cut must lie in"),
     (["--alpha", "0.0078", "--gf", "1.2e-5"], "either --alpha or --gf"),
-    (["--sin2w", "1.5"], "must lie in (0, 1)"),
-    (["--mz", "-91"], "must be positive"),
+    (["--sin2w", "1.5"], "'--sin2w': 1.5 is not in the range 0<x<1"),
+    (["--mz", "-91"], "'--mz': -91.0 is not in the range x>0"),
+    (["--gamma-z", "nan"], "'--gamma-z': 'nan' is not a finite number"),
+    (["--events", "0", "--lhe", "y.lhe"], "an LHE file needs events"),
     (["--mapping", "rambo", "--precision", "float32"], "needs --precision float64"),
     (["--lhe", "x.h5"], "the LHE file must differ from the HDF5 output"),
 ])

@@ -163,6 +163,7 @@ def test_cli_run_writes_hits(tmp_path):
     np.testing.assert_allclose(radii[valid], np.broadcast_to(events.metadata["parameters"]["radii"], radii.shape)[valid],
                                rtol=1e-5)
     assert events.metadata["parameters"]["field"] == "solenoid" and events.metadata["seed"] == 5
+    assert events.metadata["parameters"]["batch_size"] == 128
     again = tmp_path / "again.h5"
     CliRunner().invoke(main, ["run", "propagate", "--tracks", "300", "--seed", "5", "--batch-size", "128",
                               "-o", str(again)])
@@ -176,6 +177,11 @@ def test_cli_run_writes_hits(tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**64)], "--seed"),
     (["-o", "/no/such/directory/hits.h5"], "does not exist"),
+    (["-o", "/proc/hits.h5"], "cannot write in '/proc'"),
+    (["--thickness", "nan"], "'--thickness': 'nan' is not a finite number"),
+    (["--pt-max", "inf"], "'--pt-max': 'inf' is not a finite number"),
+    (["--eta-max", "1e9"], "'--eta-max': 1000000000.0 is not in the range 0<=x<=10"),
+    (["--step-size", "1e-3"], "10000 steps of 0.001 mm end before the last layer"),
 ])
 def test_cli_rejects_bad_arguments_before_running(arguments, message):
     result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "10", *arguments])
@@ -198,6 +204,17 @@ def test_cli_endcap_disks_are_crossed_in_order(tmp_path):
     hit = first.fixed["valid"][:, 3].astype(bool)
     assert hit.sum() > 20
     np.testing.assert_allclose(near[hit, 2], 1300.0, atol=1e-3)
+
+
+def test_cli_barrel_radii_in_any_order_are_crossed_in_order(tmp_path):
+    files = []
+    for radii in ("116,32,72", "32,72,116"):
+        files.append(tmp_path / f"{radii}.h5")
+        result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "200", "--radii", radii, "-o", str(files[-1])])
+        assert result.exit_code == 0, result.output
+    unsorted, ordered = (read_events(f) for f in files)
+    np.testing.assert_array_equal(unsorted.fixed["local"], ordered.fixed["local"])
+    assert unsorted.fixed["valid"].mean(0).min() > 0.95 and unsorted.metadata["parameters"]["radii"] == [32, 72, 116]
 
 
 def test_benchmark_workload_step_count():

@@ -41,3 +41,4 @@ def test_run_shower_rejects_out_of_range_parameters(tmp_path):
     result = runner.invoke(main, ["run", "shower", "--events", "2000", "--max-particles", "4",
                                   "-o", str(tmp_path / "x.h5")])
     assert result.exit_code != 0 and "max-particles" in result.output
+    assert not (tmp_path / "x.h5").exists()  # no empty file left by the failed run

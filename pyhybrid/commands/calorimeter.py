@@ -4,10 +4,13 @@ Simulates electrons/photons entering a GFLASH sampling calorimeter
 (:mod:`pyhybrid.kernels.calorimeter`) and writes the measured cell energies.
 
 HDF5 layout (fixed arrays, one row per event):
-``cells`` (n_segments, n_cells, n_cells) [GeV, visible energy], ``energy`` () incident energy [GeV],
+``cells`` (n_segments, n_cells, n_cells) [GeV, visible energy; axes: longitudinal segment, x, y],
+``energy`` () incident energy [GeV],
 ``impact`` (2,) entry point (x, y) [mm]. Metadata ``parameters``: the design (materials, thicknesses,
 segmentation, noise, ...) and derived quantities (``visible_fraction`` -- divide the cell sum by it to
 calibrate --, ``stochastic_term``, ``radiation_length_eff``, ``moliere_radius_eff``, depth in X0).
+Sampling fluctuations are Gaussian per cell, so nearly empty cells can hold small negative
+energies (also with ``--noise 0``); sums over cells are unbiased.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import math
 import click
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, output_option, seed_option
+from pyhybrid.commands.common import batch_seed, finite, output_option, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels import calorimeter as kernel
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
@@ -27,23 +30,27 @@ __all__ = ["command"]
 @click.command(name="calorimeter")
 @click.option("--events", "n_events", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Number of showers.")
-@click.option("--energy", type=float, default=None, help="Fixed incident energy [GeV] (overrides the range).")
-@click.option("--energy-min", type=float, default=1.0, show_default=True, help="Uniform energy range, low [GeV].")
-@click.option("--energy-max", type=float, default=100.0, show_default=True, help="Uniform energy range, high [GeV].")
-@click.option("--impact-spread", type=float, default=0.0, show_default=True,
+@click.option("--energy", type=finite(min=0.1), default=None,
+              help="Fixed incident energy [GeV] (overrides the range).")
+@click.option("--energy-min", type=finite(min=0.1), default=1.0, show_default=True,
+              help="Uniform energy range, low [GeV].")
+@click.option("--energy-max", type=finite(min=0.1), default=100.0, show_default=True,
+              help="Uniform energy range, high [GeV].")
+@click.option("--impact-spread", type=finite(min=0), default=0.0, show_default=True,
               help="Gaussian spread of the entry point in x and y [mm] (0: on the axis).")
 @click.option("--absorber", type=click.Choice(sorted(kernel.MATERIALS)), default="lead", show_default=True)
 @click.option("--active", type=click.Choice(sorted(kernel.MATERIALS)), default="scintillator", show_default=True)
-@click.option("--absorber-thickness", type=float, default=2.0, show_default=True, help="[mm]")
-@click.option("--active-thickness", type=float, default=4.0, show_default=True, help="[mm]")
-@click.option("--layers", "n_layers", type=click.IntRange(min=1), default=40, show_default=True,
+@click.option("--absorber-thickness", type=finite(min=0, min_open=True), default=2.0, show_default=True, help="[mm]")
+@click.option("--active-thickness", type=finite(min=0, min_open=True), default=4.0, show_default=True, help="[mm]")
+@click.option("--layers", "n_layers", type=click.IntRange(1, kernel.MAX_LAYERS), default=40, show_default=True,
               help="Sampling layers (absorber + active).")
 @click.option("--layers-per-segment", type=click.IntRange(min=1), default=1, show_default=True,
               help="Layers summed into one longitudinal readout segment.")
-@click.option("--cells", "n_cells", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--cells", "n_cells", type=click.IntRange(1, kernel.MAX_CELLS), default=5, show_default=True,
               help="Transverse cells per side.")
-@click.option("--cell-size", type=float, default=30.0, show_default=True, help="Transverse cell side [mm].")
-@click.option("--noise", type=float, default=0.0, show_default=True,
+@click.option("--cell-size", type=finite(min=0, min_open=True), default=30.0, show_default=True,
+              help="Transverse cell side [mm].")
+@click.option("--noise", type=finite(min=0), default=0.0, show_default=True,
               help="Electronic noise per readout cell [GeV of visible energy].")
 @click.option("--quadrature-points", type=click.IntRange(1, 32), default=6, show_default=True,
               help="Gauss-Legendre points per segment for the depth integral.")
@@ -56,19 +63,14 @@ __all__ = ["command"]
 def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, active, absorber_thickness,
             active_thickness, n_layers, layers_per_segment, n_cells, cell_size, noise, quadrature_points,
             batch_size, device, precision, seed, output):
-    """Electromagnetic showers (GFLASH) in a sampling calorimeter -> cell energies (HDF5)."""
+    """Electromagnetic showers (GFLASH) in a sampling calorimeter -> cell energies (HDF5).
+
+    Cells (segment, x, y) hold visible energy [GeV] with Gaussian sampling fluctuations: nearly
+    empty cells can be slightly negative (also without noise); sums over cells are unbiased."""
     if energy is not None:
         energy_min = energy_max = energy
-    if not 0.1 <= energy_min <= energy_max < math.inf:
-        raise click.BadParameter("need 0.1 GeV <= energy-min <= energy-max, finite",
-                                 param_hint="--energy-min/--energy-max")
-    for name, value in (("--absorber-thickness", absorber_thickness), ("--active-thickness", active_thickness),
-                        ("--cell-size", cell_size)):
-        if not 0 < value < math.inf:
-            raise click.BadParameter("must be positive and finite", param_hint=name)
-    for name, value in (("--noise", noise), ("--impact-spread", impact_spread)):
-        if not 0 <= value < math.inf:
-            raise click.BadParameter("must be >= 0 and finite", param_hint=name)
+    if not energy_min <= energy_max:
+        raise click.BadParameter("need energy-min <= energy-max", param_hint="--energy-min/--energy-max")
     try:
         types = kernel_types(device, precision)
         segmentation = kernel.Segmentation(n_layers, layers_per_segment, n_cells)
@@ -76,8 +78,11 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
         raise click.UsageError(str(error)) from None
 
     materials = kernel.MATERIALS[absorber], kernel.MATERIALS[active]
-    design = kernel.Design.from_materials(*materials, absorber_thickness=absorber_thickness,
-                                          active_thickness=active_thickness, cell_size=cell_size, noise=noise)
+    try:
+        design = kernel.Design.from_materials(*materials, absorber_thickness=absorber_thickness,
+                                              active_thickness=active_thickness, cell_size=cell_size, noise=noise)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
     medium = kernel.effective_medium(design)
     stochastic_term = kernel.SAMPLING_COEFFICIENT * math.sqrt(active_thickness / medium.mip_fraction)
     depth_x0 = n_layers * (absorber_thickness / materials[0].radiation_length
@@ -85,7 +90,7 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
     parameters = {"absorber": absorber, "active": active, "absorber_thickness": absorber_thickness,
                   "active_thickness": active_thickness, "n_layers": n_layers,
                   "layers_per_segment": layers_per_segment, "n_cells": n_cells, "cell_size": cell_size,
-                  "noise": noise, "energy_min": energy_min, "energy_max": energy_max,
+                  "noise": noise, "energy_min": energy_min, "energy_max": energy_max, "batch_size": batch_size,
                   "impact_spread": impact_spread, "quadrature_points": quadrature_points,
                   "sampling_coefficient": kernel.SAMPLING_COEFFICIENT, "device": device, "precision": precision,
                   "visible_fraction": medium.visible_fraction, "stochastic_term": stochastic_term,

@@ -1,20 +1,44 @@
 """Options and helpers shared by the ``pyhybrid run`` commands (no torch)."""
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 
 import click
 
 _MASK64 = (1 << 64) - 1
 
 
+class _FiniteFloatRange(click.FloatRange):
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def finite(min: float | None = None, max: float | None = None, *, min_open: bool = False,
+           max_open: bool = False) -> click.ParamType:
+    """Type of a float option that must be finite, optionally within a range (click's FloatRange
+    lets nan and inf through: nan fails no comparison)."""
+    return _FiniteFloatRange(min, max, min_open=min_open, max_open=max_open)
+
+
 def writable_location(ctx, param, path: str | None) -> str | None:
-    """Click callback: an output file's directory must exist (fail before any kernel runs)."""
+    """Click callback: an output file must be creatable in its directory (fail before any kernel runs)."""
     if path is None:
         return None
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise click.BadParameter(f"directory {directory!r} does not exist", ctx=ctx, param=param)
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise click.BadParameter(f"cannot write in {directory!r}: {error.strerror}", ctx=ctx, param=param) from None
     return path
 
 

@@ -15,13 +15,12 @@ w_max are printed at the end).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import click
 import numpy as np
 
-from pyhybrid.commands.common import output_option, seed_option, writable_location
+from pyhybrid.commands.common import finite, output_option, seed_option, writable_location
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.electroweak import DEFAULTS, GF, SMParameters, alpha_from_gf
 from pyhybrid.kernels.hard_process import MAPPINGS, HardProcess
@@ -95,27 +94,30 @@ class LHEWriter:
         self.close()
 
 
+POSITIVE = finite(min=0, min_open=True)
+
+
 @click.command(name="me")
 @click.option("--process", type=click.Choice(sorted(PROCESSES)), default="ee_mumu", show_default=True,
               help="LO process (see docs/matrix_elements.md).")
 @click.option("--flavour", default=None,
               help="Quark flavour: d u s c b or 'all' (ee_qq, ee_qqg; default all), initial quark for qq_tt.")
-@click.option("--sqrt-s", "sqrt_s", type=float, default=91.2, show_default=True, help="Collision energy [GeV].")
+@click.option("--sqrt-s", "sqrt_s", type=POSITIVE, default=91.2, show_default=True, help="Collision energy [GeV].")
 @click.option("--events", "n_events", type=click.IntRange(min=0), default=10_000, show_default=True,
               help="Unweighted events to generate (0: cross section only).")
 @output_option("me_events.h5")
 @click.option("--lhe", type=click.Path(dir_okay=False), default=None, callback=writable_location,
               help="Also write a Les Houches event file.")
-@click.option("--mz", type=float, default=DEFAULTS.mz, show_default=True, help="Z mass [GeV].")
-@click.option("--gamma-z", "gamma_z", type=float, default=DEFAULTS.gamma_z, show_default=True, help="Z width [GeV].")
-@click.option("--alpha", type=float, default=None, help=f"alpha (default {DEFAULTS.alpha:.6g}).")
-@click.option("--gf", type=float, default=None, help=f"G_F [GeV^-2] (G_mu scheme, e.g. {GF}); excludes --alpha.")
-@click.option("--sin2w", "sin2_theta_w", type=float, default=DEFAULTS.sin2_theta_w, show_default=True,
+@click.option("--mz", type=POSITIVE, default=DEFAULTS.mz, show_default=True, help="Z mass [GeV].")
+@click.option("--gamma-z", "gamma_z", type=POSITIVE, default=DEFAULTS.gamma_z, show_default=True, help="Z width [GeV].")
+@click.option("--alpha", type=POSITIVE, default=None, help=f"alpha (default {DEFAULTS.alpha:.6g}).")
+@click.option("--gf", type=POSITIVE, default=None, help=f"G_F [GeV^-2] (G_mu scheme, e.g. {GF}); excludes --alpha.")
+@click.option("--sin2w", "sin2_theta_w", type=finite(0, 1, min_open=True, max_open=True), default=DEFAULTS.sin2_theta_w, show_default=True,
               help="sin^2 theta_W.")
-@click.option("--alpha-s", "alpha_s", type=float, default=DEFAULTS.alpha_s, show_default=True, help="alpha_s.")
-@click.option("--top-mass", "top_mass", type=float, default=DEFAULTS.top_mass, show_default=True,
+@click.option("--alpha-s", "alpha_s", type=POSITIVE, default=DEFAULTS.alpha_s, show_default=True, help="alpha_s.")
+@click.option("--top-mass", "top_mass", type=POSITIVE, default=DEFAULTS.top_mass, show_default=True,
               help="Top mass [GeV].")
-@click.option("--y-cut", "y_cut", type=float, default=0.01, show_default=True,
+@click.option("--y-cut", "y_cut", type=finite(), default=0.01, show_default=True,
               help="ee_qqg: minimum s_ij / s of every parton pair.")
 @click.option("--mapping", type=click.Choice(MAPPINGS), default="angles", show_default=True,
               help="Phase-space mapping of the unit cube.")
@@ -136,14 +138,10 @@ def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha,
 
     if alpha is not None and gf is not None:
         raise click.BadParameter("give either --alpha or --gf, not both", param_hint="--gf")
+    if lhe is not None and n_events == 0:
+        raise click.BadParameter("an LHE file needs events (--events > 0)", param_hint="--lhe")
     if lhe is not None and os.path.abspath(lhe) == os.path.abspath(output):
         raise click.BadParameter("the LHE file must differ from the HDF5 output (-o)", param_hint="--lhe")
-    for name, value in (("--mz", mz), ("--gamma-z", gamma_z), ("--alpha-s", alpha_s), ("--top-mass", top_mass),
-                        ("--alpha", alpha), ("--gf", gf)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise click.BadParameter(f"must be positive, got {value}", param_hint=name)
-    if not 0 < sin2_theta_w < 1:
-        raise click.BadParameter(f"must lie in (0, 1), got {sin2_theta_w}", param_hint="--sin2w")
     if gf is not None:
         alpha = alpha_from_gf(gf, mz, sin2_theta_w)
     params = SMParameters(mz=mz, gamma_z=gamma_z, alpha=DEFAULTS.alpha if alpha is None else alpha,
@@ -163,7 +161,8 @@ def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha,
                                     iterations=iterations, seed=seed, advance=advance)
     click.echo(f"{hard.process.description}, flavour {hard.flavour or '-'}, sqrt(s) = {sqrt_s:g} GeV")
     click.echo(f"sigma = {result.integral:.6g} +- {result.error:.3g} pb  "
-               f"(VEGAS, {iterations} x {n_points} points, chi2/dof = {result.chi2_per_dof:.2f})")
+               f"(VEGAS, {iterations} x {n_points} points, chi2/dof = "
+               f"{'n/a' if result.chi2_per_dof is None else format(result.chi2_per_dof, '.2f')})")
     if n_events == 0:
         return
 

@@ -9,9 +9,9 @@ phi and charge sign. Each event is one track; the file holds per event:
 * ``local`` (L, 2): local hit coordinates (cylinders: R phi, z [mm]; disks: rho [mm], phi [rad]),
 * ``path_length`` (L,): path from the start [mm]; ``valid`` (L,): 1 where the layer was hit.
 
-Layer order: barrel cylinders (``--radii``), then disks at +z, then disks at -z (``--disks``,
-sorted by |z|, all beyond the barrel's half-length), the order in which tracks from the
-origin cross them.
+Layer order: barrel cylinders (``--radii``, sorted), then disks at +z, then disks at -z
+(``--disks``, sorted by |z|, all beyond the barrel's half-length), the order in which tracks
+from the origin cross them.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import click
 import drjit as dr
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, output_option, seed_option
+from pyhybrid.commands.common import batch_seed, finite, output_option, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.fields import SolenoidField, UniformField
@@ -49,30 +49,32 @@ def _floats(text: str, name: str) -> list[float]:
 @click.command("propagate")
 @click.option("--tracks", type=click.IntRange(min=1), default=10000, show_default=True, help="Number of tracks (events).")
 @click.option("--field", "field_kind", type=click.Choice(["solenoid", "uniform"]), default="solenoid", show_default=True)
-@click.option("--bfield", type=float, default=2.0, show_default=True, help="Central / uniform field B_z [T].")
-@click.option("--solenoid-radius", type=click.FloatRange(min=0, min_open=True), default=1200.0, show_default=True,
+@click.option("--bfield", type=finite(), default=2.0, show_default=True, help="Central / uniform field B_z [T].")
+@click.option("--solenoid-radius", type=finite(min=0, min_open=True), default=1200.0, show_default=True,
               help="Coil radius [mm].")
-@click.option("--solenoid-half-length", type=click.FloatRange(min=0, min_open=True), default=3000.0,
+@click.option("--solenoid-half-length", type=finite(min=0, min_open=True), default=3000.0,
               show_default=True, help="Coil half-length [mm].")
 @click.option("--stepper", type=click.Choice(["rk4", "adaptive"]), default="rk4", show_default=True)
-@click.option("--step-size", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--step-size", type=finite(min=0, min_open=True), default=10.0, show_default=True,
               help="RK4 step [mm].")
-@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--tolerance", type=finite(min=0, min_open=True), default=1e-4, show_default=True,
               help="Adaptive stepper local error tolerance [mm].")
 @click.option("--radii", default=DEFAULT_RADII, show_default=True, help="Barrel layer radii [mm], comma separated.")
-@click.option("--half-length", type=click.FloatRange(min=0, min_open=True), default=1200.0, show_default=True,
+@click.option("--half-length", type=finite(min=0, min_open=True), default=1200.0, show_default=True,
               help="Half-length of the barrel layers [mm].")
 @click.option("--disks", default="", help="|z| of endcap disks [mm], comma separated (placed at +z and -z; "
               "beyond --half-length).")
-@click.option("--disk-rmin", type=click.FloatRange(min=0), default=30.0, show_default=True)
-@click.option("--disk-rmax", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True)
-@click.option("--thickness", type=click.FloatRange(min=0, min_open=True), default=0.3, show_default=True,
+@click.option("--disk-rmin", type=finite(min=0), default=30.0, show_default=True, help="Disk inner radius [mm].")
+@click.option("--disk-rmax", type=finite(min=0, min_open=True), default=1000.0, show_default=True,
+              help="Disk outer radius [mm].")
+@click.option("--thickness", type=finite(min=0, min_open=True), default=0.3, show_default=True,
               help="Material thickness of every layer [mm].")
 @click.option("--material", type=click.Choice([*MATERIALS, "none"]), default="silicon", show_default=True)
 @click.option("--particle", type=click.Choice(sorted(PARTICLES)), default="muon", show_default=True)
-@click.option("--pt-min", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="GeV")
-@click.option("--pt-max", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="GeV")
-@click.option("--eta-max", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--pt-min", type=finite(min=0, min_open=True), default=1.0, show_default=True, help="GeV")
+@click.option("--pt-max", type=finite(min=0, min_open=True), default=10.0, show_default=True, help="GeV")
+@click.option("--eta-max", type=finite(min=0, max=10), default=1.0, show_default=True,
+              help="Largest |pseudorapidity|.")
 @click.option("--scattering", type=click.Choice(["none", "sample"]), default="none", show_default=True,
               help="sample: random multiple-scattering deflections (Highland).")
 @click.option("--energy-loss/--no-energy-loss", default=True, show_default=True)
@@ -90,9 +92,8 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
         raise click.BadParameter(f"--pt-min ({pt_min}) must not exceed --pt-max ({pt_max})", param_hint="--pt-min")
     if disk_rmin >= disk_rmax:
         raise click.BadParameter("--disk-rmin must be below --disk-rmax", param_hint="--disk-rmin")
-    if not math.isfinite(bfield):
-        raise click.BadParameter(f"must be finite, got {bfield}", param_hint="--bfield")
-    radii_list, disk_list = _floats(radii, "--radii"), sorted(_floats(disks, "--disks"))
+    # Tracks from the origin cross the layers in increasing radius (|z|): the order they are stepped to.
+    radii_list, disk_list = sorted(_floats(radii, "--radii")), sorted(_floats(disks, "--disks"))
     if not radii_list and not disk_list:
         raise click.BadParameter("give at least one layer (--radii or --disks)", param_hint="--radii")
     if radii_list and disk_list and disk_list[0] <= half_length:
@@ -109,6 +110,11 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
     layers = [Layer(Cylinder(half_length=half_length), layer_material) for _ in radii_list]
     layers += [Layer(Disk(r_min=disk_rmin, r_max=disk_rmax), layer_material) for _ in range(2 * len(disk_list))]
     positions = radii_list + disk_list + [-z for z in disk_list]
+    outermost = max(radii_list + disk_list)  # no track reaches the last layer on a shorter path
+    if stepper == "rk4" and step_size * PropagationOptions.max_steps < outermost:
+        raise click.BadParameter(f"{PropagationOptions.max_steps} steps of {step_size:g} mm end before the last "
+                                 f"layer (at least {outermost:g} mm away): every track would stop short of it",
+                                 param_hint="--step-size")
     kernel_stepper = RK4(step_size) if stepper == "rk4" else AdaptiveRKN(tolerance=tolerance)
     options = PropagationOptions(stepper=kernel_stepper, particle=PARTICLES[particle], energy_loss=energy_loss,
                                  scattering=scattering, world_radius=2.0 * max(positions + [disk_rmax]),
@@ -131,8 +137,10 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
                   "disk_rmin": disk_rmin, "disk_rmax": disk_rmax, "thickness": thickness, "material": material,
                   "particle": particle, "pt_min": pt_min, "pt_max": pt_max, "eta_max": eta_max,
                   "scattering": scattering, "energy_loss": energy_loss, "precision": precision, "device": device,
-                  "layer_order": "barrel radii, then disks at +z, then disks at -z (increasing |z|)"}
-    metadata = {"parameters": parameters, "seed": seed, "units": {"local_disk_phi": "rad"}}
+                  "batch_size": batch_size,
+                  "layer_order": "barrel radii (increasing), then disks at +z, then disks at -z (increasing |z|)"}
+    metadata = {"parameters": parameters, "seed": seed, "generator": "pyhybrid run propagate",
+                "units": {"local_disk_phi": "rad"}}
     with EventWriter(output, fixed=fixed, metadata=metadata) as writer, \
             progress_bar(tracks, "propagating tracks") as advance:
         for batch, start in enumerate(range(0, tracks, batch_size)):

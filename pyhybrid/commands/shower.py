@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, output_option, seed_option
+from pyhybrid.commands.common import batch_seed, finite, output_option, seed_option
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.shower import ShowerSettings
 
@@ -27,9 +27,9 @@ SHAPES = ("y23", "y34", "y45", "y56", "thrust")
 @click.command(name="shower")
 @click.option("--events", "n_events", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Number of events.")
-@click.option("--alpha-s", "alpha_s", type=float, default=0.118, show_default=True, help="alpha_s(mZ).")
-@click.option("--t0", type=float, default=1.0, show_default=True, help="Shower cutoff in kT^2 [GeV^2].")
-@click.option("--sqrt-s", "sqrt_s", type=float, default=91.2, show_default=True, help="Collision energy [GeV].")
+@click.option("--alpha-s", "alpha_s", type=finite(), default=0.118, show_default=True, help="alpha_s(mZ).")
+@click.option("--t0", type=finite(), default=1.0, show_default=True, help="Shower cutoff in kT^2 [GeV^2].")
+@click.option("--sqrt-s", "sqrt_s", type=finite(), default=91.2, show_default=True, help="Collision energy [GeV].")
 @click.option("--max-particles", "max_particles", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
               help="Parton slots per event.")
 @click.option("--batch", type=click.IntRange(min=1), default=100_000, show_default=True,

@@ -75,7 +75,8 @@ class EventWriter:
     chunk_events: HDF5 chunk length along the event axis.
     compression: h5py compression filter ("gzip", "lzf" or None).
 
-    Use as a context manager; each :meth:`append` is durable when it returns.
+    Use as a context manager; each :meth:`append` is durable when it returns. A run that fails
+    (an exception leaves the ``with`` block) before any event was appended leaves no file behind.
     """
 
     def __init__(self, path: str | os.PathLike, *, fixed: Mapping[str, tuple] | None = None,
@@ -177,8 +178,10 @@ class EventWriter:
     def __enter__(self) -> "EventWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         self.close()
+        if exc_type is not None and self.n_events == 0:
+            os.remove(self.path)
 
 
 def _check_storable(what: str, values: np.ndarray, dtype: np.dtype) -> None:

@@ -52,10 +52,10 @@ import numpy as np
 
 from pyhybrid.kernels.backend import KernelTypes, check_integer, types_of
 
-__all__ = ["E_S", "SAMPLING_COEFFICIENT", "Material", "MATERIALS", "Design", "Segmentation", "EffectiveMedium",
-           "ProfileDistribution", "effective_medium", "profile_distribution", "fluctuated_profile",
-           "radial_profile", "square_fraction", "shower_normals", "cell_normals", "cell_means", "add_fluctuations",
-           "cell_energies", "cell_energies_and_means", "cells_vjp"]
+__all__ = ["E_S", "SAMPLING_COEFFICIENT", "MAX_LAYERS", "MAX_CELLS", "Material", "MATERIALS", "Design",
+           "Segmentation", "EffectiveMedium", "ProfileDistribution", "effective_medium", "profile_distribution",
+           "fluctuated_profile", "radial_profile", "square_fraction", "shower_normals", "cell_normals", "cell_means",
+           "add_fluctuations", "cell_energies", "cell_energies_and_means", "cells_vjp"]
 
 #: Scale energy E_s = m_e sqrt(4 pi / alpha) [GeV] (Moliere radius R_M = E_s X0 / E_c).
 E_S = 0.0212052
@@ -128,6 +128,13 @@ class Design:
     def from_materials(cls, absorber: Material, active: Material, *, absorber_thickness: float,
                        active_thickness: float, cell_size: float, noise: float = 0.0,
                        sampling_coefficient: float = SAMPLING_COEFFICIENT) -> "Design":
+        """The design of ``absorber`` and ``active`` layers; the absorber must not have a lower Z than
+        the active material: the e/mip ratio 1 / (1 + 0.007 (Z_abs - Z_act)) describes the
+        suppressed response of high-Z absorbers only (the reverse would give the active layers
+        more than the deposited energy)."""
+        if absorber.atomic_number < active.atomic_number:
+            raise ValueError(f"the absorber ({absorber.name}, Z = {absorber.atomic_number:g}) must not have a lower Z "
+                             f"than the active material ({active.name}, Z = {active.atomic_number:g})")
         return cls(absorber_thickness, active_thickness,
                    absorber.radiation_length, absorber.moliere_radius, absorber.atomic_number,
                    absorber.density, absorber.mip_dedx,
@@ -144,18 +151,23 @@ class Design:
         return [getattr(self, name) for name in self.field_names()]
 
 
+#: Limits of :class:`Segmentation` (compile time grows fast with the cells; memory with the layers).
+MAX_LAYERS, MAX_CELLS = 1000, 15
+
+
 @dataclass(frozen=True)
 class Segmentation:
-    """Static readout geometry: ``n_layers`` sampling layers summed in groups of
-    ``layers_per_segment``; ``n_cells x n_cells`` transverse cells."""
+    """Static readout geometry: ``n_layers`` (at most 1000) sampling layers summed in groups of
+    ``layers_per_segment``; ``n_cells x n_cells`` transverse cells, n_cells at most 15 (each cell
+    is an output of the compiled kernel: 15 compile in seconds, 25 take minutes)."""
 
     n_layers: int
     layers_per_segment: int = 1
     n_cells: int = 5
 
     def __post_init__(self):
-        for name in ("n_layers", "layers_per_segment", "n_cells"):
-            object.__setattr__(self, name, check_integer(getattr(self, name), name, 1))
+        for name, largest in (("n_layers", MAX_LAYERS), ("layers_per_segment", None), ("n_cells", MAX_CELLS)):
+            object.__setattr__(self, name, check_integer(getattr(self, name), name, 1, largest))
         if self.n_layers % self.layers_per_segment:
             raise ValueError(f"n_layers ({self.n_layers}) must be a multiple of layers_per_segment "
                              f"({self.layers_per_segment})")

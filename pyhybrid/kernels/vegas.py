@@ -121,7 +121,7 @@ class VegasResult:
 
     integral: float
     error: float
-    chi2_per_dof: float
+    chi2_per_dof: float | None  # None for a single measuring iteration
     grid: VegasGrid
     adaptation: list[VegasIteration] = field(default_factory=list)
     iterations: list[VegasIteration] = field(default_factory=list)
@@ -185,5 +185,5 @@ def _combine(measured: list[VegasIteration], grid: VegasGrid, adaptation: list[V
     inverse = 1.0 / errors**2
     mean = float(np.sum(values * inverse) / np.sum(inverse))
     error = float(1.0 / math.sqrt(np.sum(inverse)))
-    chi2 = float(np.sum((values - mean) ** 2 * inverse) / (len(values) - 1)) if len(values) > 1 else 0.0
+    chi2 = float(np.sum((values - mean) ** 2 * inverse) / (len(values) - 1)) if len(values) > 1 else None
     return VegasResult(mean, error, chi2, grid, adaptation, measured)

@@ -153,6 +153,10 @@ def test_component_modes_and_errors():
         delta = correction(p, exact)
         assert delta.abs().max() > 1e-3
         torch.testing.assert_close(component.use("residual")(p), exact + delta)
+    sampled = Component(physics=physics(scattering="sample"))
+    with torch.no_grad():  # options of the physics call pass through: sampled scattering with a seed
+        torch.testing.assert_close(sampled(p, seed=3), sampled.physics(p, seed=3), rtol=0, atol=0)
+        assert not torch.equal(sampled(p, seed=3), sampled(p, seed=4))
     with pytest.raises(ValueError, match="mode must be one of"):
         component.mode = "both"
     with pytest.raises(ValueError, match="needs surrogate"):
@@ -266,6 +270,7 @@ def test_residual_mode_keeps_missed_layers_at_zero_and_empty_batches_give_empty_
         y = component(p)
     assert not hits_of.valid[0, -1] and hits_of.valid[1:].all()
     assert (y[0, -1] == 0).all() and (y[0, 0] != 0).all()
+    assert y.is_contiguous() and y.view(3, -1).shape == (3, 2 * len(RADII))
     empty = tracks(0, 1).requires_grad_()
     out = component(empty)
     assert out.shape == (0, len(RADII), 2)

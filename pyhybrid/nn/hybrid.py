@@ -363,10 +363,12 @@ class Component(nn.Module):
         self.mode = mode
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **physics_options) -> torch.Tensor:
+        """``physics_options`` go to the physics call (e.g. ``seed`` of :class:`PerigeeHits` for sampled
+        scattering); the surrogate does not take them."""
         if self._mode == "surrogate":
             return self.surrogate(x)
-        y = self.physics(x)
+        y = self.physics(x, **physics_options)
         if self._mode == "physics":
             return y
         delta = self.correction(x, y)
@@ -521,7 +523,7 @@ class PerigeeHits(nn.Module):
         free = torch.cat([position, torch.zeros_like(qop)[:, None], direction, qop[:, None]], dim=1)
         result = self.propagator(free, seed=seed)
         self.valid = result.valid
-        return result.local
+        return result.local.contiguous()  # (N, L, 2) like a network's output (the propagator's is a view)
 
 
 class TrackEncoder(nn.Module):

@@ -19,6 +19,7 @@ the start and optimised designs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -69,9 +70,10 @@ def resolution_curve(design: CalorimeterDesign, n: int, seed: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and a coarser grid (a few minutes)")
-    parser.add_argument("-o", "--output", default="detector_design.png", help="PNG file")
+    parser.add_argument("-o", "--output", default="out/detector_design.png", help="PNG file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
 
     if args.quick:
         steps, train_steps, train_showers, validation = 250, 200, 4096, 8192

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -147,8 +148,9 @@ def main() -> None:
     parser.add_argument("--experiments", type=int, default=None, help="number of pseudo-experiments")
     parser.add_argument("--lumi", type=float, default=None, help="integrated luminosity per scan point [pb^-1]")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("-o", "--output", default="me_inference_pulls.png")
+    parser.add_argument("-o", "--output", default="out/me_inference_pulls.png")
     args = parser.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     n_experiments = args.experiments or (20 if args.quick else 100)
     lumi = args.lumi or (1.0 if args.quick else 3.0)
     start_time = time.perf_counter()

@@ -15,6 +15,7 @@ Also measured: the spread of d chi2 / d alpha_s over independent seeds at the st
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -74,8 +75,9 @@ def gradient_spread(estimator, spec, data, data_variance, n_events: int, seeds: 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small samples and few steps (~2 minutes)")
-    parser.add_argument("-o", "--output", default="shower_tuning.png", help="output PNG")
+    parser.add_argument("-o", "--output", default="out/shower_tuning.png", help="output PNG")
     args = parser.parse_args()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     steps, n_events, n_data, seeds = (25, 20_000, 200_000, 4) if args.quick else (60, 100_000, 1_000_000, 8)
     spec = HistogramObservable("log10_y23", tuple(np.linspace(-3.5, -0.5, 7)))
     estimators = [ScoreFunction(), StochasticAD(), Relaxed()]

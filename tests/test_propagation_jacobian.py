@@ -84,6 +84,18 @@ def _forward_tracks(n, seed):
     return params
 
 
+def test_dr_jit_ad_through_the_stepping_loop_is_refused_with_a_pointer_to_the_jacobians():
+    params = kernel_params(STARTS)
+    dr.enable_grad(params.qop)
+    with pytest.raises(ValueError, match="use jacobian=True"):
+        _ = propagate_path(params, fields.SolenoidField(*SOLENOID), 100.0, PropagationOptions(stepper=RK4(10.0)))
+    b0 = F64.Float(2.0)
+    dr.enable_grad(b0)
+    with pytest.raises(ValueError, match="must not have Dr.Jit gradients enabled"):
+        _ = propagate_path(kernel_params(STARTS), fields.SolenoidField(b0, 1200.0, 1500.0), 100.0,
+                           PropagationOptions(stepper=RK4(10.0)))
+
+
 def test_gradcheck_through_the_propagator_wrt_tracks_field_and_detector():
     prop = Propagator(SolenoidField(*SOLENOID), LAYERS, stepper=RK4(10.0), scattering="sample")
     params = _forward_tracks(4, seed=1).requires_grad_()

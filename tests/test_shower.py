@@ -210,6 +210,21 @@ def test_event_shapes_match_reference_event_by_event(events64):
         assert thrust[e] == pytest.approx(ref.thrust(momenta), rel=1e-12)
 
 
+def test_event_shapes_take_plain_and_ad_arrays_alike():
+    """A Dr.Jit user's plain drjit.llvm arrays give the results of the AD arrays (the kernels' own):
+    the symmetric three-parton event (thrust 2/3)."""
+    import drjit.llvm as plain
+
+    half = 15.0 * math.sqrt(3.0)
+    columns = ([30.0, 30.0, 30.0], [30.0, -15.0, -15.0], [0.0, half, -half], [0.0, 0.0, 0.0])
+    for Float, ad_float in ((plain.Float64, F64.Float), (plain.Float, kernel_types("cpu", "float32").Float)):
+        shapes = event_shapes([Float(c) for c in columns], plain.UInt32([3]), 8100.0)
+        reference = event_shapes([ad_float(c) for c in columns], plain.UInt32([3]), 8100.0)
+        assert shapes.thrust.numpy().tolist() == reference.thrust.numpy().tolist()
+        assert shapes.y[0].numpy().tolist() == reference.y[0].numpy().tolist()
+        assert shapes.thrust.numpy()[0] == pytest.approx(2.0 / 3.0, rel=1e-6)
+
+
 def test_event_shapes_of_three_partons_are_analytic():
     rng = np.random.default_rng(1)
     rows = []

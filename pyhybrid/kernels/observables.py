@@ -270,9 +270,14 @@ def event_shapes(momenta: Sequence, n_particles, s: float, *, tangents: Sequence
     if not s > 0:
         raise ValueError(f"s must be positive [GeV^2], got {s}")
     types = types_of(momenta[0])
+    # The kernel's own array types (plain drjit.llvm arrays as given by a user become AD arrays: one
+    # type for every loop variable).
+    momenta = [types.Float(v) for v in momenta]
+    tangents = None if tangents is None else [types.Float(v) for v in tangents]
+    n_particles = types.UInt32(n_particles)
     s = dr.opaque(types.Float, s)
-    y, dy = _durham(list(momenta), n_particles, s, None if tangents is None else list(tangents))
-    thrust, d_thrust = _thrust(list(momenta), n_particles, None if tangents is None else list(tangents))
+    y, dy = _durham(momenta, n_particles, s, tangents)
+    thrust, d_thrust = _thrust(momenta, n_particles, tangents)
     shapes = EventShapes(y, thrust, dy, d_thrust)
     dr.eval(shapes.y, shapes.thrust, shapes.dy, shapes.dthrust)
     return shapes

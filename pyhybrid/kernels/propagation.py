@@ -5,8 +5,9 @@ Track state: ACTS free parameters, one lane per track,
     (x, y, z [mm], t [ns], tx, ty, tz [unit direction], q/p [e/GeV]),
 
 see :class:`FreeParameters`. Input directions are normalised (their length must
-be positive); q/p = 0 means a neutral / infinite-momentum track: a straight line,
-no material effects, time advancing at the speed of light.
+be positive: a zero or NaN direction is not checked here and gives a track that misses every
+layer; the torch layer rejects it); q/p = 0 means a neutral / infinite-momentum track: a
+straight line, no material effects, time advancing at the speed of light.
 
 Navigation: :func:`propagate_layers` visits the layers in the order given.
 For each layer it steps (RK4 or adaptive RKN, see :mod:`steppers`) towards the
@@ -37,6 +38,10 @@ memory, independent of the number of steps); :func:`layers_vjp` runs the
 reverse sweep J^T g over layers. The covariance (8x8 free) is transported with
 the same Jacobians, with multiple scattering and energy-loss straggling added
 at each hit layer.
+
+Derivatives come from these Jacobians (``jacobian=True``, :func:`layers_vjp`), not from Dr.Jit's
+AD: reverse-mode AD through the symbolic stepping loops is not supported (it would tape every step),
+and inputs with gradients enabled are refused with a ValueError.
 """
 from __future__ import annotations
 
@@ -484,6 +489,7 @@ def propagate_path(params: FreeParameters, field, path_length: float, options: P
     """Propagate every track by ``path_length`` [mm] through the field (no surfaces, no material)."""
     if not path_length > 0:
         raise ValueError(f"path_length must be positive (mm), got {path_length!r}")
+    _refuse_ad(params, field)
     n_field = len(field.names)
     direction = dm.normalized(params.direction)
     qop = params.qop
@@ -509,6 +515,15 @@ def propagate_path(params: FreeParameters, field, path_length: float, options: P
     result = PathResult(values, jac, loop.status, loop.accepted, loop.max_error)
     dr.eval(result.final.columns(), result.jacobian, result.status, result.steps, result.max_error)
     return result
+
+
+def _refuse_ad(params: FreeParameters, field, *layer_arrays) -> None:
+    """ValueError if an input has Dr.Jit gradients enabled (see the module docstring)."""
+    field_arrays = [a for value in vars(field).values() for a in (value if isinstance(value, tuple) else (value,))]
+    arrays = [*params.columns(), *field_arrays, *layer_arrays]
+    if any(dr.is_array_v(a) and dr.grad_enabled(a) for a in arrays):
+        raise ValueError("propagation inputs must not have Dr.Jit gradients enabled: reverse-mode AD through the "
+                         "stepping loop is not supported; use jacobian=True (transport Jacobians) and layers_vjp")
 
 
 def _values(x):
@@ -707,6 +722,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     layer (written into their rows) are compiled together, so the loop state never goes to memory.
     The lanes run the tracks in the order of :func:`coherent_lanes`; outputs are in track order.
     """
+    _refuse_ad(params, field, positions, thickness)
     types = types_of(params.qop)
     n = dr.width(params.qop)
     for v in params.columns():

@@ -148,6 +148,20 @@ def test_mean_response_is_the_visible_fraction_and_linear():
     assert torch.all(response > 0.999) and torch.all(response < 1.0)
 
 
+def test_one_deep_readout_segment_integrates_like_thin_ones():
+    """A single 40 X0 segment gets one node per 2.5 X0 (17): the same response as 8-layer segments
+    with the default 6 nodes each (6 nodes for the deep segment were 3 % off and non-linear)."""
+    energy = torch.tensor([2.0, 10.0, 50.0, 200.0], dtype=F64)
+    responses = []
+    for layers_per_segment, nodes in ((104, 17), (8, 6)):
+        calo = SamplingCalorimeter("lead", "liquid_argon", absorber_thickness=2.0, active_thickness=4.0, n_layers=104,
+                                   layers_per_segment=layers_per_segment, n_cells=1, cell_size=2000.0, dtype=F64)
+        assert calo._nodes_per_segment() == nodes
+        with torch.no_grad():
+            responses.append(calo.expected_cells(energy).sum((1, 2, 3)) / energy / calo.visible_fraction())
+    torch.testing.assert_close(responses[0], responses[1], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.01], ids=["sampling", "sampling+noise"])
 def test_energy_resolution_matches_stochastic_term(noise):
     """sigma/E = (c_s sqrt(d_active/f_mip))/sqrt(E) (+) sqrt(n_cells) noise / (visible fraction E) in a
@@ -271,6 +285,8 @@ def test_bad_inputs_raise_clear_errors():
         SamplingCalorimeter(n_layers=10, layers_per_segment=3)
     with pytest.raises(ValueError, match="not design fields"):
         SamplingCalorimeter(trainable=("thickness",))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        calo(good, seed=1.5)
     with torch.no_grad():
         calo.absorber_thickness.fill_(-1.0)
     with pytest.raises(ValueError, match="absorber_thickness must be positive"):

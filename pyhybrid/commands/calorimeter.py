@@ -53,7 +53,8 @@ __all__ = ["command"]
 @click.option("--noise", type=finite(min=0), default=0.0, show_default=True,
               help="Electronic noise per readout cell [GeV of visible energy].")
 @click.option("--quadrature-points", type=click.IntRange(1, 32), default=6, show_default=True,
-              help="Gauss-Legendre points per segment for the depth integral.")
+              help="Gauss-Legendre points per segment for the depth integral (at least; one per 2.5 X0 of a "
+                   "deeper segment).")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=20_000, show_default=True,
               help="Showers per kernel launch and per write.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -87,11 +88,12 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
     stochastic_term = kernel.SAMPLING_COEFFICIENT * math.sqrt(active_thickness / medium.mip_fraction)
     depth_x0 = n_layers * (absorber_thickness / materials[0].radiation_length
                            + active_thickness / materials[1].radiation_length)
+    nodes = kernel.nodes_per_segment(depth_x0 / segmentation.n_segments, quadrature_points)
     parameters = {"absorber": absorber, "active": active, "absorber_thickness": absorber_thickness,
                   "active_thickness": active_thickness, "n_layers": n_layers,
                   "layers_per_segment": layers_per_segment, "n_cells": n_cells, "cell_size": cell_size,
                   "noise": noise, "energy_min": energy_min, "energy_max": energy_max, "batch_size": batch_size,
-                  "impact_spread": impact_spread, "quadrature_points": quadrature_points,
+                  "impact_spread": impact_spread, "quadrature_points": nodes,
                   "sampling_coefficient": kernel.SAMPLING_COEFFICIENT, "device": device, "precision": precision,
                   "visible_fraction": medium.visible_fraction, "stochastic_term": stochastic_term,
                   "radiation_length_eff": medium.radiation_length, "moliere_radius_eff": medium.moliere_radius,
@@ -110,7 +112,7 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
             e = energy_min + (energy_max - energy_min) * types.uniform(rng)
             x = impact_spread * types.normal(rng)
             y = impact_spread * types.normal(rng)
-            cells = kernel.cell_energies(e, x, y, design, segmentation, seed_of_batch, quadrature_points)
+            cells = kernel.cell_energies(e, x, y, design, segmentation, seed_of_batch, nodes)
             rows = np.stack([np.asarray(c) for c in cells], axis=-1).reshape(n, *shape)
             writer.append(n, {"cells": rows.astype(dtype, copy=False), "energy": np.asarray(e, dtype=dtype),
                               "impact": np.stack([np.asarray(x), np.asarray(y)], axis=-1).astype(dtype)})

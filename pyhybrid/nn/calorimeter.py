@@ -16,7 +16,7 @@ from torch import nn
 
 from pyhybrid import engine
 from pyhybrid.kernels import calorimeter as kernel
-from pyhybrid.kernels.backend import check_integer, name_tuple
+from pyhybrid.kernels.backend import check_integer, check_seed, name_tuple
 from pyhybrid.kernels.calorimeter import MATERIALS, Design, Material, Segmentation
 
 __all__ = ["SamplingCalorimeter", "Material", "MATERIALS"]
@@ -93,7 +93,8 @@ class SamplingCalorimeter(nn.Module):
     sampling_coefficient: c_s in sigma/E = c_s sqrt(d_active[mm]/f_mip)/sqrt(E) [GeV^1/2 mm^-1/2].
     trainable: names of :class:`Design` fields that become ``nn.Parameter`` s (the rest are buffers),
         e.g. ``("absorber_thickness", "active_thickness", "absorber_radiation_length")``.
-    quadrature_points: Gauss-Legendre points per readout segment for the depth integral.
+    quadrature_points: Gauss-Legendre points per readout segment for the depth integral (at least;
+        deep segments get one per 2.5 radiation lengths, see :func:`kernel.nodes_per_segment`).
     dtype: float32 or float64 of the design tensors (inputs must match it).
 
     Every design quantity is an attribute (``calo.absorber_thickness`` ...), a 0-d tensor.
@@ -180,6 +181,10 @@ class SamplingCalorimeter(nn.Module):
         self._check_design()
         return energy, impact
 
+    def _nodes_per_segment(self) -> int:
+        segment_depth = float(self.depth_in_radiation_lengths().detach()) / self.segmentation.n_segments
+        return kernel.nodes_per_segment(segment_depth, self.quadrature_points)
+
     def _cells(self, flat: torch.Tensor, n: int) -> torch.Tensor:
         s = self.segmentation
         return flat.reshape(n, s.n_segments, s.n_cells, s.n_cells)
@@ -196,8 +201,8 @@ class SamplingCalorimeter(nn.Module):
         energy, impact = self._inputs(energy, impact)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        flat = _simulate_fn(energy, impact, self.design_tensor(), segmentation=self.segmentation, seed=int(seed),
-                            quadrature_points=self.quadrature_points)
+        flat = _simulate_fn(energy, impact, self.design_tensor(), segmentation=self.segmentation,
+                            seed=check_seed(seed), quadrature_points=self._nodes_per_segment())
         return self._cells(flat, energy.shape[0])
 
     def expected_cells(self, energy: torch.Tensor, impact: torch.Tensor | None = None,
@@ -213,7 +218,7 @@ class SamplingCalorimeter(nn.Module):
         shower_normals = engine.check_tensor(shower_normals, "shower_normals", shape=(energy.shape[0], 2),
                                              dtype=energy.dtype, device=energy.device)
         flat = _expected_fn(energy, impact, shower_normals, self.design_tensor(), segmentation=self.segmentation,
-                            quadrature_points=self.quadrature_points)
+                            quadrature_points=self._nodes_per_segment())
         return self._cells(flat, energy.shape[0])
 
     def extra_repr(self) -> str:

@@ -148,9 +148,10 @@ def test_tracker_bad_inputs_raise_clear_errors():
         tracker.resolutions(torch.tensor([1.0]), tensor(0.0))
     with pytest.raises(ValueError, match="the history is empty"):
         History().averaged_design()
-
-
-# ---------------------------------------------------------------- calorimeter objective
+    with pytest.raises(ValueError, match="b_field must be a non-zero field"):
+        TrackerDesign(RADII, b_field=0.0)
+    with pytest.raises(ValueError, match="charge must be \\+1 or -1"):
+        tracker.resolutions(tensor(1.0), tensor(0.0), charge=0.0)
 
 
 def small_design(dtype=F64, **options) -> CalorimeterDesign:
@@ -158,6 +159,23 @@ def small_design(dtype=F64, **options) -> CalorimeterDesign:
                                layers_per_segment=4, n_cells=3, cell_size=60.0, noise=0.01, quadrature_points=4,
                                dtype=dtype)
     return CalorimeterDesign(calo, cost_weight=1e-5, absorber_price=1.0, active_price=2.0, **options)
+
+
+def test_design_bounds_are_checked_and_default_floors_keep_the_design_physical():
+    with pytest.raises(ValueError, match=r"bounds of absorber_thickness must be \(low, high\) with > 0 low < high"):
+        small_design(bounds={"absorber_thickness": (5.0, 1.0)})
+    with pytest.raises(ValueError, match="bounds of active_thickness must be"):
+        small_design(bounds={"active_thickness": (0.0, 5.0)})
+    with pytest.raises(ValueError, match="regression is an EnergyRegression for 2 segments"):
+        CalorimeterDesign(small_design().calorimeter, EnergyRegression(2, 3))
+    design = small_design()
+    assert design.bounds["absorber_thickness"] == pytest.approx((0.02, math.inf))  # 1 % of 2 mm
+    with torch.no_grad():
+        design.calorimeter.active_thickness.fill_(-0.1)  # an optimiser step too far
+    design.project()
+    assert design.calorimeter.active_thickness.item() == pytest.approx(0.04)
+    with pytest.raises(ValueError, match=r"grid names \['cell_size'\] are not design parameters"):
+        grid_scan(design, {"cell_size": [20.0, 30.0]})
 
 
 def test_regression_starts_at_the_calibrated_sum_and_cost_is_linear():

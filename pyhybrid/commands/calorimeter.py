@@ -1,7 +1,7 @@
 """``pyhybrid run calorimeter``: electromagnetic showers in a sampling calorimeter (no torch).
 
-Simulates electrons/photons entering a GFLASH sampling calorimeter
-(:mod:`pyhybrid.kernels.calorimeter`) and writes the measured cell energies.
+Simulates electrons entering a GFLASH sampling calorimeter (:mod:`pyhybrid.kernels.calorimeter`; the
+electron parametrisation: photons peak ~1 X0 deeper) and writes the measured cell energies.
 
 HDF5 layout (fixed arrays, one row per event):
 ``cells`` (n_segments, n_cells, n_cells) [GeV, visible energy; axes: longitudinal segment, x, y],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -57,6 +58,7 @@ class EnergyRegression(nn.Module):
 
     def __init__(self, n_segments: int, n_cells: int, hidden: int = 32):
         super().__init__()
+        self.n_segments, self.n_cells = n_segments, n_cells
         n_inputs = n_segments * n_cells * n_cells + 1
         self.mlp = nn.Sequential(nn.Linear(n_inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, 1))
@@ -93,7 +95,9 @@ class CalorimeterDesign(nn.Module):
     regression: reconstruction network (default: :class:`EnergyRegression` for its segmentation).
     energy_range: incident energies are log-uniform in this range [GeV].
     cost_weight, absorber_price, active_price: J = resolution^2 + cost_weight * :func:`material_cost`.
-    bounds: ``{parameter name: (low, high)}`` box for :meth:`project`.
+    bounds: ``{parameter name: (low, high)}`` box for :meth:`project` (low < high; low > 0, or >= 0
+        for ``noise``; high may be inf). Design parameters without bounds are kept at or above 1 % of
+        their starting value (``noise``: at or above 0), so that no step makes the design unphysical.
     """
 
     def __init__(self, calorimeter: SamplingCalorimeter, regression: nn.Module | None = None, *,
@@ -106,16 +110,16 @@ class CalorimeterDesign(nn.Module):
             raise ValueError(f"energy_range must satisfy 0.1 <= low <= high [GeV], got {energy_range}")
         self.calorimeter = calorimeter
         s = calorimeter.segmentation
+        if isinstance(regression, EnergyRegression) and (regression.n_segments, regression.n_cells) != (
+                s.n_segments, s.n_cells):
+            raise ValueError(f"regression is an EnergyRegression for {regression.n_segments} segments of "
+                             f"{regression.n_cells}x{regression.n_cells} cells, the calorimeter has {s.n_segments} of "
+                             f"{s.n_cells}x{s.n_cells}")
         self.regression = regression if regression is not None else EnergyRegression(s.n_segments, s.n_cells)
         self.regression.to(dtype=calorimeter.absorber_thickness.dtype, device=calorimeter.absorber_thickness.device)
         self.energy_range = (float(low), float(high))
         self.cost_weight, self.absorber_price, self.active_price = cost_weight, absorber_price, active_price
-        self.bounds = dict(bounds or {})
-        design_names = {name for name, _ in calorimeter.named_parameters()}
-        unknown = set(self.bounds) - design_names
-        if unknown:
-            raise ValueError(f"bounds given for {sorted(unknown)}, which are not design parameters "
-                             f"{sorted(design_names)}")
+        self.bounds = _design_bounds(calorimeter, dict(bounds or {}))
 
     def design_parameters(self) -> list[nn.Parameter]:
         return list(self.calorimeter.parameters())
@@ -144,9 +148,29 @@ class CalorimeterDesign(nn.Module):
 
     @torch.no_grad()
     def project(self) -> None:
-        """Clamp the design parameters into their ``bounds``."""
+        """Clamp the design parameters into their ``bounds`` (after each optimiser step)."""
         for name, (low, high) in self.bounds.items():
             self.calorimeter.get_parameter(name).clamp_(low, high)
+
+
+def _design_bounds(calorimeter: SamplingCalorimeter, given: dict) -> dict:
+    """The bounds of every design parameter: the given ones, checked, and the default floors."""
+    parameters = dict(calorimeter.named_parameters())
+    unknown = set(given) - set(parameters)
+    if unknown:
+        raise ValueError(f"bounds given for {sorted(unknown)}, which are not design parameters {sorted(parameters)}")
+    bounds = {}
+    for name, parameter in parameters.items():
+        floor = 0.0 if name == "noise" else None
+        if name not in given:
+            bounds[name] = (floor if floor is not None else 0.01 * float(parameter.detach()), math.inf)
+            continue
+        low, high = (float(v) for v in given[name])
+        if not (math.isfinite(low) and low < high) or not (low >= floor if floor is not None else low > 0):
+            least = ">= 0" if floor is not None else "> 0"
+            raise ValueError(f"bounds of {name} must be (low, high) with {least} low < high, got {given[name]}")
+        bounds[name] = (low, high)
+    return bounds
 
 
 @dataclass
@@ -249,6 +273,10 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
     names = list(grid)
     if not names:
         raise ValueError("grid must name at least one design parameter")
+    trainable = {name for name, _ in design.calorimeter.named_parameters()}
+    if set(names) - trainable:
+        raise ValueError(f"grid names {sorted(set(names) - trainable)} are not design parameters (trainable fields "
+                         f"of the calorimeter): {sorted(trainable)}")
     axes = [torch.as_tensor(list(values), dtype=torch.float64) for values in grid.values()]
     mesh = torch.cartesian_prod(*axes).reshape(-1, len(axes))
     saved = {name: design.calorimeter.get_parameter(name).detach().clone() for name in names}
@@ -386,6 +414,9 @@ class TrackerDesign(nn.Module):
                  material: str = "silicon", beam_pipe: tuple[float, float, str] | None = (25.0, 0.8, "beryllium"),
                  particle: str = "muon", trainable: Iterable[str] = ("radii", "thickness", "resolution_rphi")):
         super().__init__()
+        if not (isinstance(b_field, numbers.Real) and math.isfinite(b_field) and b_field != 0):
+            raise ValueError(f"b_field must be a non-zero field [T] (momenta are measured from the curvature), "
+                             f"got {b_field!r}")
         radii = torch.as_tensor(radii, dtype=torch.float64).flatten().clone()
         n = radii.numel()
         if n < 3:
@@ -448,14 +479,18 @@ class TrackerDesign(nn.Module):
         return (self.thickness / x0).sum()
 
     def fit_matrices(self, pt: torch.Tensor, eta: torch.Tensor, charge: float = 1.0) -> dict[str, torch.Tensor]:
-        """The linearised fit of tracks from the origin with transverse momenta ``pt`` (N,) [GeV] and
-        pseudorapidities ``eta`` (N,) (phi = 0), over the M = 2 x (layers incl. beam pipe) hit coordinates:
+        """The linearised fit of tracks from the origin with transverse momenta ``pt`` (N,) [GeV],
+        pseudorapidities ``eta`` (N,) (phi = 0) and ``charge`` +1 or -1, over the M = 2 x (layers incl.
+        beam pipe) hit coordinates:
 
         ``jacobian`` (N, M, 5): d hits / d perigee (rows of unmeasured or missed hits are zero);
         ``covariance`` (N, M, M): V (hit resolutions + multiple scattering; identity on unused rows);
         ``hits`` (N, M): the nominal hits (r phi, z per layer) [mm]; ``mask`` (N, M): 1 for used hits.
         A track must cross at least 3 measuring layers (else ValueError)."""
         self.check()
+        if charge not in (1, -1):
+            raise ValueError(f"charge must be +1 or -1 [e] (the sign of the track; the particle hypothesis is "
+                             f"singly charged), got {charge!r}")
         pt = engine.check_tensor(pt, "pt", shape=(None,), dtype=torch.float64)
         eta = engine.check_tensor(eta, "eta", shape=pt.shape, dtype=torch.float64)
         if not bool((pt > 0).all()):

@@ -162,7 +162,7 @@ def small_design(dtype=F64, **options) -> CalorimeterDesign:
 
 
 def test_design_bounds_are_checked_and_default_floors_keep_the_design_physical():
-    with pytest.raises(ValueError, match=r"bounds of absorber_thickness must be \(low, high\) with > 0 low < high"):
+    with pytest.raises(ValueError, match=r"bounds of absorber_thickness must be \(low, high\) with 0 < low < high"):
         small_design(bounds={"absorber_thickness": (5.0, 1.0)})
     with pytest.raises(ValueError, match="bounds of active_thickness must be"):
         small_design(bounds={"active_thickness": (0.0, 5.0)})

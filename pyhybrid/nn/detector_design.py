@@ -161,14 +161,14 @@ def _design_bounds(calorimeter: SamplingCalorimeter, given: dict) -> dict:
         raise ValueError(f"bounds given for {sorted(unknown)}, which are not design parameters {sorted(parameters)}")
     bounds = {}
     for name, parameter in parameters.items():
-        floor = 0.0 if name == "noise" else None
+        positive = name != "noise"  # every design field is positive, the noise may be 0
         if name not in given:
-            bounds[name] = (floor if floor is not None else 0.01 * float(parameter.detach()), math.inf)
+            bounds[name] = (0.01 * float(parameter.detach()) if positive else 0.0, math.inf)
             continue
         low, high = (float(v) for v in given[name])
-        if not (math.isfinite(low) and low < high) or not (low >= floor if floor is not None else low > 0):
-            least = ">= 0" if floor is not None else "> 0"
-            raise ValueError(f"bounds of {name} must be (low, high) with {least} low < high, got {given[name]}")
+        if not (math.isfinite(low) and low < high and (low > 0 if positive else low >= 0)):
+            raise ValueError(f"bounds of {name} must be (low, high) with {'0 <' if positive else '0 <='} low < high, "
+                             f"got {given[name]}")
         bounds[name] = (low, high)
     return bounds
 

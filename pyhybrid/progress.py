@@ -16,7 +16,7 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
     (hidden if not a terminal).
 
     Ctrl-C (SIGINT) stops the run at the next ``advance``, with KeyboardInterrupt, after the batch
-    has been written. Python raises KeyboardInterrupt at whatever code runs when the signal
+    has been written (unless that batch completed the run). Python raises KeyboardInterrupt at whatever code runs when the signal
     arrives; inside a weakref callback or ``__del__`` (Dr.Jit and h5py release objects through
     them) it is printed and ignored, and the run went on. Here the signal only sets a flag while a
     batch runs; a second Ctrl-C raises at once.
@@ -25,10 +25,12 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
     with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as progress, \
             _interrupt_between_batches() as interrupted:
         task = progress.add_task(description, total=total)
+        done = [0]
 
         def advance(n: int) -> None:
             progress.advance(task, n)
-            if interrupted():
+            done[0] += n
+            if interrupted() and done[0] < total:
                 raise KeyboardInterrupt
 
         yield advance
@@ -37,10 +39,11 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
 @contextmanager
 def _interrupt_between_batches() -> Iterator[Callable[[], bool]]:
     """While active, the first SIGINT is recorded instead of raised; yields ``interrupted()``.
-    Only in the main thread (where Python runs signal handlers) and where SIGINT is not ignored
-    (a background job keeps ignoring it)."""
+    Only in the main thread (where Python runs signal handlers), where SIGINT is not ignored (a
+    background job keeps ignoring it) and where the handler can be restored (not one installed
+    outside Python)."""
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
         yield lambda: False
         return
     requested = []

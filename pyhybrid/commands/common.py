@@ -13,6 +13,9 @@ _MASK64 = (1 << 64) - 1
 class _FiniteFloatRange(click.FloatRange):
     name = "finite float"
 
+    def _describe_range(self) -> str:
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):

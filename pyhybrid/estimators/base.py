@@ -61,7 +61,7 @@ class HistogramObservable:
         if self.name not in OBSERVABLES:
             raise ValueError(f"observable must be one of {', '.join(OBSERVABLES)}, got {self.name!r}")
         try:
-            edges = tuple(float(e) for e in self.edges)
+            edges = () if isinstance(self.edges, str) else tuple(float(e) for e in self.edges)
         except (TypeError, ValueError):
             edges = ()
         if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):

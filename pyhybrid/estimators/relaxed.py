@@ -61,7 +61,8 @@ class Relaxed(GradientEstimator):
     name = "relaxed"
 
     def __init__(self, bin_width: float | None = None, likelihood_ratio: bool = True, cutoff_width: float = 0.0):
-        if bin_width is not None and not (isinstance(bin_width, numbers.Real) and 0 < bin_width < math.inf):
+        if bin_width is not None and not (isinstance(bin_width, numbers.Real) and not isinstance(bin_width, bool)
+                                          and 0 < bin_width < math.inf):
             raise ValueError(f"bin_width must be a positive finite number or None, got {bin_width!r}")
         if not (isinstance(cutoff_width, numbers.Real) and 0.0 <= cutoff_width <= 1.0):
             raise ValueError(f"cutoff_width must be a number in [0, 1], got {cutoff_width!r}")

@@ -17,6 +17,7 @@ stays consistent between flushes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -181,7 +182,8 @@ class EventWriter:
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.close()
         if exc_type is not None and self.n_events == 0:
-            os.remove(self.path)
+            with contextlib.suppress(FileNotFoundError):  # the original exception is the one to see
+                os.remove(self.path)
 
 
 def _check_storable(what: str, values: np.ndarray, dtype: np.dtype) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -414,8 +413,9 @@ class TrackerDesign(nn.Module):
                  material: str = "silicon", beam_pipe: tuple[float, float, str] | None = (25.0, 0.8, "beryllium"),
                  particle: str = "muon", trainable: Iterable[str] = ("radii", "thickness", "resolution_rphi")):
         super().__init__()
-        if not (isinstance(b_field, numbers.Real) and math.isfinite(b_field) and b_field != 0):
-            raise ValueError(f"b_field must be a non-zero field [T] (momenta are measured from the curvature), "
+        b_field = float(b_field)
+        if not (math.isfinite(b_field) and b_field != 0):
+            raise ValueError(f"b_field must be a finite, non-zero field [T] (momenta are measured from the curvature), "
                              f"got {b_field!r}")
         radii = torch.as_tensor(radii, dtype=torch.float64).flatten().clone()
         n = radii.numel()
@@ -480,16 +480,16 @@ class TrackerDesign(nn.Module):
 
     def fit_matrices(self, pt: torch.Tensor, eta: torch.Tensor, charge: float = 1.0) -> dict[str, torch.Tensor]:
         """The linearised fit of tracks from the origin with transverse momenta ``pt`` (N,) [GeV],
-        pseudorapidities ``eta`` (N,) (phi = 0) and ``charge`` +1 or -1, over the M = 2 x (layers incl.
-        beam pipe) hit coordinates:
+        pseudorapidities ``eta`` (N,) (phi = 0) and ``charge`` +1 or -1 (a number or (N,) tensor), over
+        the M = 2 x (layers incl. beam pipe) hit coordinates:
 
         ``jacobian`` (N, M, 5): d hits / d perigee (rows of unmeasured or missed hits are zero);
         ``covariance`` (N, M, M): V (hit resolutions + multiple scattering; identity on unused rows);
         ``hits`` (N, M): the nominal hits (r phi, z per layer) [mm]; ``mask`` (N, M): 1 for used hits.
         A track must cross at least 3 measuring layers (else ValueError)."""
         self.check()
-        if charge not in (1, -1):
-            raise ValueError(f"charge must be +1 or -1 [e] (the sign of the track; the particle hypothesis is "
+        if not bool((torch.as_tensor(charge, dtype=torch.float64).abs() == 1).all()):
+            raise ValueError(f"charge must be +1 or -1 [e] per track (the sign; the particle hypothesis is "
                              f"singly charged), got {charge!r}")
         pt = engine.check_tensor(pt, "pt", shape=(None,), dtype=torch.float64)
         eta = engine.check_tensor(eta, "eta", shape=pt.shape, dtype=torch.float64)

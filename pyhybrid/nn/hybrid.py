@@ -373,7 +373,7 @@ class Component(nn.Module):
             return y
         delta = self.correction(x, y)
         valid = getattr(self.physics, "valid", None)  # PerigeeHits: layers without a hit stay zero
-        if isinstance(valid, torch.Tensor) and valid.shape == y.shape[:valid.dim()]:
+        if isinstance(valid, torch.Tensor) and valid.dim() > 0 and valid.shape == y.shape[:valid.dim()]:
             delta = delta * valid.reshape(*valid.shape, *(1,) * (y.dim() - valid.dim())).to(delta.dtype)
         return y + delta
 

@@ -16,7 +16,7 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
     (hidden if not a terminal).
 
     Ctrl-C (SIGINT) stops the run at the next ``advance``, with KeyboardInterrupt, after the batch
-    has been written (unless that batch completed the run). Python raises KeyboardInterrupt at whatever code runs when the signal
+    has been written. Python raises KeyboardInterrupt at whatever code runs when the signal
     arrives; inside a weakref callback or ``__del__`` (Dr.Jit and h5py release objects through
     them) it is printed and ignored, and the run went on. Here the signal only sets a flag while a
     batch runs; a second Ctrl-C raises at once.
@@ -25,12 +25,10 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
     with Progress(*columns, transient=False, disable=not sys.stderr.isatty()) as progress, \
             _interrupt_between_batches() as interrupted:
         task = progress.add_task(description, total=total)
-        done = [0]
 
         def advance(n: int) -> None:
             progress.advance(task, n)
-            done[0] += n
-            if interrupted() and done[0] < total:
+            if interrupted():
                 raise KeyboardInterrupt
 
         yield advance

@@ -154,6 +154,11 @@ def test_tracker_bad_inputs_raise_clear_errors():
         tracker.resolutions(tensor(1.0), tensor(0.0), charge=0.0)
     per_track = tracker.resolutions(tensor(1.0, 1.0), tensor(0.0, 0.0), charge=tensor(1.0, -1.0))  # per track
     torch.testing.assert_close(per_track["pt"][0], per_track["pt"][1])
+    for charge in ([1, -1], "1", tensor(1.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match="charge must be \\+1 or -1"):
+            tracker.resolutions(tensor(1.0, 1.0), tensor(0.0, 0.0), charge=charge)
+    with pytest.raises(ValueError, match="b_field must be a finite, non-zero field"):
+        TrackerDesign(RADII, b_field="2")
     TrackerDesign(RADII, b_field=torch.tensor(2.0))  # a 0-d tensor is a field value too
 
 

@@ -155,8 +155,10 @@ def test_bad_input_is_rejected():
         Relaxed(cutoff_width="0.1")
     with pytest.raises(ValueError, match="bin_width must be a positive finite number"):
         Relaxed(bin_width=math.inf)
-    with pytest.raises(ValueError, match="edges must be"):
-        HistogramObservable("thrust", "ab")
+    for edges in ("ab", b"01", ["0", "1"]):
+        with pytest.raises(ValueError, match="edges must be"):
+            HistogramObservable("thrust", edges)
+    assert HistogramObservable("thrust", torch.tensor([0.5, 1.0], requires_grad=True)).edges == (0.5, 1.0)
     with pytest.raises(TypeError, match="observable_spec must be a HistogramObservable, got tuple"):
         ScoreFunction().estimate(PartonShower(), ("log10_y23", (-3.0, -2.0)), 100, seed=0)
     with pytest.raises(TypeError, match="shower must be a pyhybrid.nn.PartonShower, got NoneType"):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import drjit as dr
+import numpy as np
 import torch
 
 from pyhybrid.engine import kernel_function
@@ -60,10 +61,10 @@ class HistogramObservable:
     def __post_init__(self):
         if self.name not in OBSERVABLES:
             raise ValueError(f"observable must be one of {', '.join(OBSERVABLES)}, got {self.name!r}")
-        try:
-            edges = () if isinstance(self.edges, str) else tuple(float(e) for e in self.edges)
-        except (TypeError, ValueError):
-            edges = ()
+        edges = self.edges.detach().cpu().numpy() if isinstance(self.edges, torch.Tensor) else self.edges
+        edges = np.asarray(edges) if not isinstance(edges, (str, bytes)) else np.asarray([])
+        numeric = edges.ndim == 1 and np.issubdtype(edges.dtype, np.number) and edges.dtype != np.bool_
+        edges = tuple(float(e) for e in edges) if numeric else ()
         if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"edges must be >= 2 finite, strictly increasing numbers, got {self.edges!r}")
         object.__setattr__(self, "edges", edges)

@@ -182,7 +182,7 @@ class EventWriter:
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.close()
         if exc_type is not None and self.n_events == 0:
-            with contextlib.suppress(FileNotFoundError):  # the original exception is the one to see
+            with contextlib.suppress(OSError):  # the original exception is the one to see
                 os.remove(self.path)
 
 

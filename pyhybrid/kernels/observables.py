@@ -317,8 +317,9 @@ def bin_indicators(x, edges: Sequence[float]) -> list:
 def soft_bin_indicators(x, dx, edges: Sequence[float], width: float):
     """Sigmoid-edged bins: sigma((x - lo) / w) - sigma((x - hi) / w), and their derivative along dx.
 
-    ``width`` is w in units of x; as w -> 0 the bins become :func:`bin_indicators`, except at the
-    last upper edge: a value exactly there counts 1 in the hard last bin, 1/2 here.
+    ``width`` is w in units of x; as w -> 0 the bins become :func:`bin_indicators`, except for values
+    exactly on an edge: they count 1/2 in each bin next to it (hard bins: 1 in the upper one, and 1
+    in the last bin for its upper edge).
     Returns (values, derivatives), two lists of len(edges) - 1 arrays (derivatives None if dx is None).
     """
     _check_edges(edges)

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -413,7 +415,10 @@ class TrackerDesign(nn.Module):
                  material: str = "silicon", beam_pipe: tuple[float, float, str] | None = (25.0, 0.8, "beryllium"),
                  particle: str = "muon", trainable: Iterable[str] = ("radii", "thickness", "resolution_rphi")):
         super().__init__()
-        b_field = float(b_field)
+        try:
+            b_field = math.nan if isinstance(b_field, (str, bytes)) else float(b_field)
+        except (TypeError, ValueError, RuntimeError):
+            b_field = math.nan
         if not (math.isfinite(b_field) and b_field != 0):
             raise ValueError(f"b_field must be a finite, non-zero field [T] (momenta are measured from the curvature), "
                              f"got {b_field!r}")
@@ -488,16 +493,20 @@ class TrackerDesign(nn.Module):
         ``hits`` (N, M): the nominal hits (r phi, z per layer) [mm]; ``mask`` (N, M): 1 for used hits.
         A track must cross at least 3 measuring layers (else ValueError)."""
         self.check()
-        if not bool((torch.as_tensor(charge, dtype=torch.float64).abs() == 1).all()):
-            raise ValueError(f"charge must be +1 or -1 [e] per track (the sign; the particle hypothesis is "
-                             f"singly charged), got {charge!r}")
         pt = engine.check_tensor(pt, "pt", shape=(None,), dtype=torch.float64)
+        charges = None
+        if isinstance(charge, numbers.Real) or (isinstance(charge, (torch.Tensor, np.ndarray))
+                                                and tuple(charge.shape) in ((), tuple(pt.shape))):
+            charges = torch.as_tensor(charge, dtype=torch.float64)
+        if charges is None or not bool((charges.abs() == 1).all()):
+            raise ValueError(f"charge must be +1 or -1 [e], a number or a tensor of shape () or {tuple(pt.shape)} "
+                             f"(the sign per track; the particle hypothesis is singly charged), got {charge!r}")
         eta = engine.check_tensor(eta, "eta", shape=pt.shape, dtype=torch.float64)
         if not bool((pt > 0).all()):
             raise ValueError("pt must be positive (GeV)")
         n, n_all = pt.shape[0], self._positions().numel()
         theta = 2.0 * torch.atan(torch.exp(-eta))
-        qop = charge / (pt * torch.cosh(eta))
+        qop = charges / (pt * torch.cosh(eta))
         zero = torch.zeros_like(pt)
         perigee = torch.stack([zero, zero, zero, theta, qop], dim=1)
         steps = torch.cat([pt.new_tensor(_PERIGEE_STEPS).expand(n, 4), (_QOP_RELATIVE_STEP * qop.abs())[:, None]], 1)

@@ -210,7 +210,8 @@ def test_cli_barrel_radii_in_any_order_are_crossed_in_order(tmp_path):
     files = []
     for radii in ("116,32,72", "32,72,116"):
         files.append(tmp_path / f"{radii}.h5")
-        result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "200", "--radii", radii, "-o", str(files[-1])])
+        result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "200", "--radii", radii,
+                                           "-o", str(files[-1])])
         assert result.exit_code == 0, result.output
     unsorted, ordered = (read_events(f) for f in files)
     np.testing.assert_array_equal(unsorted.fixed["local"], ordered.fixed["local"])

@@ -112,7 +112,8 @@ POSITIVE = finite(min=0, min_open=True)
 @click.option("--gamma-z", "gamma_z", type=POSITIVE, default=DEFAULTS.gamma_z, show_default=True, help="Z width [GeV].")
 @click.option("--alpha", type=POSITIVE, default=None, help=f"alpha (default {DEFAULTS.alpha:.6g}).")
 @click.option("--gf", type=POSITIVE, default=None, help=f"G_F [GeV^-2] (G_mu scheme, e.g. {GF}); excludes --alpha.")
-@click.option("--sin2w", "sin2_theta_w", type=finite(0, 1, min_open=True, max_open=True), default=DEFAULTS.sin2_theta_w, show_default=True,
+@click.option("--sin2w", "sin2_theta_w", type=finite(0, 1, min_open=True, max_open=True),
+              default=DEFAULTS.sin2_theta_w, show_default=True,
               help="sin^2 theta_W.")
 @click.option("--alpha-s", "alpha_s", type=POSITIVE, default=DEFAULTS.alpha_s, show_default=True, help="alpha_s.")
 @click.option("--top-mass", "top_mass", type=POSITIVE, default=DEFAULTS.top_mass, show_default=True,

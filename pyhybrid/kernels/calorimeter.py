@@ -53,9 +53,10 @@ import numpy as np
 from pyhybrid.kernels.backend import KernelTypes, check_integer, types_of
 
 __all__ = ["E_S", "SAMPLING_COEFFICIENT", "MAX_LAYERS", "MAX_CELLS", "MAX_DEPTH_PER_NODE", "nodes_per_segment",
-           "Material", "MATERIALS", "Design", "Segmentation", "EffectiveMedium", "ProfileDistribution", "effective_medium", "profile_distribution",
-           "fluctuated_profile", "radial_profile", "square_fraction", "shower_normals", "cell_normals", "cell_means",
-           "add_fluctuations", "cell_energies", "cell_energies_and_means", "cells_vjp"]
+           "Material", "MATERIALS", "Design", "Segmentation", "EffectiveMedium", "ProfileDistribution",
+           "effective_medium", "profile_distribution", "fluctuated_profile", "radial_profile", "square_fraction",
+           "shower_normals", "cell_normals", "cell_means", "add_fluctuations", "cell_energies",
+           "cell_energies_and_means", "cells_vjp"]
 
 #: Scale energy E_s = m_e sqrt(4 pi / alpha) [GeV] (Moliere radius R_M = E_s X0 / E_c).
 E_S = 0.0212052

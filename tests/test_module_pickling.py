@@ -1,6 +1,6 @@
 """Every torch module of pyhybrid survives torch.save / torch.load of the whole module and
 copy.deepcopy (checkpoints of whole models, EMA copies, best-model snapshots), with the same
-outputs afterwards."""
+outputs afterwards; and under torch.compile each physics call is one clean graph break."""
 import copy
 import io
 
@@ -77,3 +77,18 @@ def test_whole_module_save_load_and_deepcopy_keep_outputs(name):
         assert type(copied) is type(module)
         torch.testing.assert_close(_outputs(copied, inputs), expected, rtol=0, atol=0)
         assert [n for n, _ in copied.named_parameters()] == [n for n, _ in module.named_parameters()]
+
+
+@pytest.mark.parametrize("name", ["Propagator", "MatrixElement", "TwoBodyCrossSection", "SamplingCalorimeter"])
+def test_under_torch_compile_a_module_call_is_one_skipped_call_with_eager_values(name):
+    """The input checks (Python bools of tensors) and the kernel run eagerly as one call that Dynamo
+    skips, instead of a graph break at every check; the values equal eager ones."""
+    module, inputs = CASES[name]()
+
+    def model(*tensors):
+        return _outputs(module, tensors).sum() * 2.0
+
+    explanation = torch._dynamo.explain(model)(*inputs)
+    assert explanation.graph_break_count <= 1
+    assert all("disable" in str(reason.reason) for reason in explanation.break_reasons)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(*inputs), model(*inputs), rtol=0, atol=0)

@@ -170,6 +170,7 @@ class GradientEstimator(ABC):
                                              check_seed(seed), parameters)
         return Estimate(_stack(values, types), {p: _stack(d, types) for p, d in derivatives.items()})
 
+    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def __call__(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int) -> torch.Tensor:
         """Features F (n_events, K) of ``shower``'s events; backward applies this estimator."""
         _check_inputs(shower, observable_spec)

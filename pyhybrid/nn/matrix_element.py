@@ -385,6 +385,7 @@ class MatrixElement(_ProcessModule):
         self.tolerance = tolerance
         self.validate = validate
 
+    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, momenta: torch.Tensor) -> torch.Tensor:
         n = self.process.n_particles
         # NaN/inf are caught by the fused validation kernel, cheaper than a torch pass over the input.
@@ -427,6 +428,7 @@ class TwoBodyCrossSection(_ProcessModule):
         if self.process.n_out != 2:
             raise ValueError(f"TwoBodyCrossSection needs a 2 -> 2 process, got {self.process.name!r}")
 
+    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, cos_theta: torch.Tensor, sqrt_s: torch.Tensor | float) -> torch.Tensor:
         check_tensor(cos_theta, "cos_theta", shape=(None,))
         if cos_theta.dtype not in (torch.float32, torch.float64):

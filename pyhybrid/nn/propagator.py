@@ -154,6 +154,7 @@ class GridField(nn.Module):
         columns = [types.Float(values[:, c].contiguous()) for c in range(3)]
         return KernelField("grid", (self.shape, self.origin, self.spacing), columns)
 
+    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """B [T] at points (N, 3) [mm]; zero outside the grid."""
         check_tensor(points, "points", shape=(None, 3))
@@ -401,6 +402,7 @@ class Propagator(nn.Module):
                 raise ValueError(f"layer {k} has material {layer.material.name} but thickness "
                                  f"{thickness[k]}; give a positive thickness or material=None")
 
+    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, params: torch.Tensor, covariance: torch.Tensor | None = None, *,
                 seed: int | None = None) -> PropagationResult:
         """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p) through the layers

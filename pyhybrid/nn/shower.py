@@ -113,6 +113,7 @@ class PartonShower(nn.Module):
         alpha_s, _ = self.parameter_tensors()
         return types_for(alpha_s.device, alpha_s.dtype)
 
+    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, n_events: int, seed: int = 0) -> ShowerEvents:
         """Generate ``n_events`` showered events (no gradient; see :mod:`pyhybrid.estimators`)."""
         n_events = check_integer(n_events, "n_events", 1)

@@ -2,12 +2,9 @@
 
 Each block is executed on its own, in a fresh namespace, with the working directory set to a
 temporary folder (blocks may write files), as if a user had copied it into a file and run it.
-A block that cannot run here (e.g. it needs CUDA) opts out with an HTML comment directly above
-its fence: ``<!-- not-run: reason -->``; the reason is required and reported by pytest.
 """
 from __future__ import annotations
 
-import re
 import signal
 import threading
 from pathlib import Path
@@ -16,12 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(?P<reason>.*?)\s*-->$")
 TIMEOUT_S = 60  # per block: a safety net, each block runs in a few seconds
 
 
 def python_blocks(path: Path) -> list:
-    """(line of the opening fence (1-based), code, not-run reason or None) of each ```python block."""
+    """(line of the opening fence (1-based), code) of each ```python block."""
     lines = path.read_text(encoding="utf-8").splitlines()
     blocks, i = [], 0
     while i < len(lines):
@@ -34,29 +30,23 @@ def python_blocks(path: Path) -> list:
             if end == len(lines):
                 raise ValueError(f"{path.name}:{i + 1}: unclosed code fence")
             if language == "python":
-                match = NOT_RUN.match(lines[i - 1].strip()) if i > 0 else None
-                reason = match.group("reason") if match else None
-                if match and not reason:
-                    raise ValueError(f"{path.name}:{i + 1}: not-run needs a reason")
-                blocks.append((i + 1, "\n".join(lines[i + 1:end]) + "\n", reason))
+                blocks.append((i + 1, "\n".join(lines[i + 1:end]) + "\n"))
             i = end + 1
         else:
             i += 1
     return blocks
 
 
-CASES = [pytest.param(path, line, code, reason, id=f"{path.relative_to(ROOT).as_posix()}:{line}")
-         for path in DOCUMENTS for line, code, reason in python_blocks(path)]
+CASES = [pytest.param(path, line, code, id=f"{path.relative_to(ROOT).as_posix()}:{line}")
+         for path in DOCUMENTS for line, code in python_blocks(path)]
 
 
 def test_blocks_found():
     assert len(CASES) >= 5, "the documentation should have runnable examples"
 
 
-@pytest.mark.parametrize("path, line, code, reason", CASES)
-def test_python_block(path, line, code, reason, tmp_path, monkeypatch):
-    if reason is not None:
-        pytest.skip(f"not-run: {reason}")
+@pytest.mark.parametrize("path, line, code", CASES)
+def test_python_block(path, line, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     name = f"{path.relative_to(ROOT).as_posix()}:{line}"
     # Padded so that tracebacks give the line numbers of the Markdown file itself.

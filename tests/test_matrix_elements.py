@@ -203,12 +203,15 @@ def test_gradcheck_through_matrix_element(process):
     assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-8, rtol=1e-5)
 
 
-@pytest.mark.parametrize("process", ["ee_mumu", "ee_qqg", "gg_tt"])
-def test_gradcheck_parameters_only(process):
-    """Fixed data momenta: the forward pass stores per-event parameter derivatives (another path)."""
-    module = MatrixElement(process, gf=GF).double()  # G_mu scheme: alpha depends on mz and sin^2 too
+@pytest.mark.parametrize("process", ["ee_mumu", "ee_qq", "ee_qqg", "qq_tt", "gg_tt"])
+@pytest.mark.parametrize("scheme", ["gf", "alpha"])
+@pytest.mark.parametrize("module_type", [MatrixElement, DifferentialCrossSection])
+def test_gradcheck_parameters_only(process, scheme, module_type):
+    """Fixed data momenta: the backward pass takes forward-mode parameter derivatives (another path)."""
+    # G_mu scheme: alpha depends on mz and sin^2 too.
+    module = (module_type(process, gf=GF) if scheme == "gf" else module_type(process)).double()
     momenta = _momenta(process, 3)
-    names = ("mz", "gamma_z", "gf", "sin2_theta_w", "alpha_s", "top_mass")
+    names = ("mz", "gamma_z", scheme, "sin2_theta_w", "alpha_s", "top_mass")
 
     def function(*values):
         return torch.func.functional_call(module, dict(zip(names, values)), (momenta,))

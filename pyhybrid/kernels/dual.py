@@ -18,11 +18,12 @@ on either side), or use :func:`multiply`, :func:`add`, :func:`subtract` (``dot``
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import drjit as dr
 
-__all__ = ["Dual", "value", "tangent", "sqrt", "exp", "log", "atan2", "select", "absolute", "dot", "cross",
+__all__ = ["Dual", "arrays", "value", "tangent", "sqrt", "exp", "log", "atan2", "select", "absolute", "dot", "cross",
            "normalized", "perpendicular_basis", "multiply", "add", "subtract"]
 
 
@@ -96,6 +97,17 @@ class Dual:
         quotient = other * inverse
         factor = -quotient * inverse
         return Dual(quotient, [_scale(t, factor) for t in self.tangents])
+
+
+def arrays(tree) -> list:
+    """The Dr.Jit arrays in ``tree``: Duals (values and tangents), tuples, lists and dataclasses of them."""
+    if isinstance(tree, Dual):
+        return arrays([tree.value, *tree.tangents])
+    if isinstance(tree, (tuple, list)):
+        return [a for x in tree for a in arrays(x)]
+    if dataclasses.is_dataclass(tree):
+        return arrays([getattr(tree, f.name) for f in dataclasses.fields(tree)])
+    return [tree] if dr.is_array_v(tree) else []
 
 
 def value(x):

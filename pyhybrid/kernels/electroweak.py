@@ -23,7 +23,7 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
-import drjit as dr
+from pyhybrid.kernels import dual as dm
 
 __all__ = ["Fermion", "FERMIONS", "QUARKS", "SMParameters", "DEFAULTS", "alpha_from_gf",
            "check_parameter_value", "fermion", "z_couplings"]
@@ -112,8 +112,9 @@ def alpha_from_gf(gf, mz, sin2_theta_w):
 
 
 def z_couplings(f: Fermion, sin2_theta_w):
-    """(g_L, g_R) of the Z to fermion ``f`` in units of e (see the module docstring)."""
-    norm = 1.0 / dr.sqrt(sin2_theta_w * (1.0 - sin2_theta_w))
+    """(g_L, g_R) of the Z to fermion ``f`` in units of e (see the module docstring); ``sin2_theta_w``
+    may be a float, a Dr.Jit array or a :class:`~pyhybrid.kernels.dual.Dual`."""
+    norm = 1.0 / dm.sqrt(sin2_theta_w * (1.0 - sin2_theta_w))
     g_left = (f.isospin - f.charge * sin2_theta_w) * norm
     g_right = (-f.charge * sin2_theta_w) * norm
     return g_left, g_right

@@ -105,7 +105,7 @@ class HardProcess:
         """Map unit-cube points ``u`` (list of ``dim`` arrays) to momenta and weights [pb]."""
         momenta, density, passed = self._phase_space(u)
         scale = GEV2_TO_PB * flux_factor(self.sqrt_s) * density
-        flavour_weights = [dr.select(passed, scale * self.process.function(momenta, self.params, f), 0.0)
+        flavour_weights = [dr.select(passed, scale * self.process.squared(momenta, self.params, f), 0.0)
                            for f in self.flavours]
         total = flavour_weights[0]
         for w in flavour_weights[1:]:

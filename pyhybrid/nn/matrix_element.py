@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import check_tensor, kernel_function
+from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
 from pyhybrid.kernels.lorentz import FourVector
@@ -61,70 +62,72 @@ def _matrix_element_kernel(columns, *parameters, process, flavour, scheme, outpu
     """|M|^2 or d sigma / d Phi_n [pb] from the (E, px, py, pz) columns of all particles."""
     proc = get_process(process)
     vectors = [FourVector.from_columns(columns[4 * i: 4 * i + 4]) for i in range(proc.n_particles)]
-    return _matrix_element_value(vectors, proc, _sm_parameters(*parameters, scheme), flavour, output)
+    coefficients = proc.coefficients(_sm_parameters(*parameters, scheme), proc.check_flavour(flavour))
+    return _matrix_element_value(vectors, proc, coefficients, output)
 
 
-def _matrix_element_value(vectors, proc, params: SMParameters, flavour, output):
-    value = proc.squared(vectors, params, flavour)
+def _matrix_element_value(vectors, proc, coefficients, output):
+    """The value from the process's parameter-only coefficients (plain or Duals)."""
+    value = proc.events(vectors, coefficients)
     if output == "dsigma":
         s = 2.0 * vectors[0].dot(vectors[1])
-        value = value * (GEV2_TO_PB * 0.5) / s
+        value = value * ((GEV2_TO_PB * 0.5) / s)
     return value
 
 
-def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output, tolerance, jacobian_of):
+def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output, tolerance):
     """Forward pass of :class:`MatrixElement`: one kernel for the value and, with a
-    ``tolerance``, the input validation.
-
-    ``jacobian_of`` (one flag per parameter, or None) is given when parameters but
-    not the momenta need gradients, the matrix-element-inference case. The same
-    kernel then also writes, per event, the derivatives of the value with respect
-    to the flagged parameters (one reverse sweep with a unit seed in every lane:
-    events are independent), so that the backward pass is a weighted sum of them
-    and does not read the momenta again. Parameters the value does not depend on
-    get None. Returns (value, (inputs, derivatives)).
-    """
+    ``tolerance``, the input validation. Returns (value, inputs): the backward pass
+    recomputes what it needs from the inputs (see :func:`_matrix_element_vjp`)."""
     proc = get_process(process)
-    columns = _four_vector_columns(flat, proc.n_particles)
-    width = dr.width(columns[0])
-    leaves = list(parameters)
-    if jacobian_of is not None:
-        # N-lane leaves: a per-lane derivative instead of one accumulated over lanes at each broadcast.
-        leaves = [p + dr.zeros(type(p), width) if flag else p for p, flag in zip(parameters, jacobian_of)]
-        dr.enable_grad([leaf for leaf, flag in zip(leaves, jacobian_of) if flag])
-    vectors = [FourVector.from_columns(columns[4 * i: 4 * i + 4]) for i in range(proc.n_particles)]
-    params = _sm_parameters(*leaves, scheme)
-    value = _matrix_element_value(vectors, proc, params, flavour, output)
-    derivatives = [None] * len(parameters)
-    if jacobian_of is not None:
-        dr.backward_from(value)
-        derivatives = [_unless_zero(dr.grad(leaf)) if flag else None for leaf, flag in zip(leaves, jacobian_of)]
-        value = dr.detach(value)
-    pending = [value, *[d for d in derivatives if d is not None]]
+    vectors = _four_vectors(flat, proc)
+    params = _sm_parameters(*parameters, scheme)
+    value = _matrix_element_value(vectors, proc, proc.coefficients(params, proc.check_flavour(flavour)), output)
     if tolerance is not None:
-        _raise_for_bad_momenta(vectors, proc, params, tolerance, pending)
+        _raise_for_bad_momenta(vectors, proc, params, tolerance, [value])
     else:
-        dr.eval(*pending)
-    return value, ((flat, *parameters), derivatives)
+        dr.eval(value)
+    return value, (flat, *parameters)
 
 
-def _unless_zero(derivative):
-    """None for a derivative that AD found to be identically zero (a literal), else the array."""
-    return None if derivative.state == dr.VarState.Literal and derivative[0] == 0 else derivative
+def _four_vectors(flat, proc) -> list:
+    columns = _four_vector_columns(flat, proc.n_particles)
+    return [FourVector.from_columns(columns[4 * i: 4 * i + 4]) for i in range(proc.n_particles)]
 
 
-def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, jacobian_of, **static):
-    """Backward pass of :class:`MatrixElement`: a weighted sum of the stored per-event
-    derivatives, or (gradients for the momenta) a reverse-AD re-run of the kernel."""
-    inputs, derivatives = saved
-    if jacobian_of is None or needs[0]:
+def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, **static):
+    """Backward pass of :class:`MatrixElement`: a re-run of the kernel, under Dr.Jit reverse-mode AD
+    when the momenta need gradients, else with forward-mode parameter derivatives
+    (:func:`_parameter_vjp`)."""
+    if needs[0]:
         _, recompute = _lane_parallel(_matrix_element_kernel, packed_vectors=get_process(static["process"]).n_particles)
-        return recompute(inputs, grad_outputs, needs, **static)
-    weight = grad_outputs[0]
-    partial = [_block_sums(weight * d) if need and d is not None else None for d, need in zip(derivatives, needs[1:])]
-    dr.eval(*[p for p in partial if p is not None])  # one kernel reading the stored derivatives
-    zero = dr.zeros(type(weight), 1)
-    return [None] + [None if not need else zero if p is None else dr.sum(p) for p, need in zip(partial, needs[1:])]
+        return recompute(saved, grad_outputs, needs, **static)
+    return _parameter_vjp(saved, grad_outputs[0], needs, **static)
+
+
+def _parameter_vjp(saved, weight, needs, *, process, flavour, scheme, output):
+    """Gradients sum_i g_i dM_i/dtheta of the parameters alone (the matrix-element-inference case).
+
+    Forward mode: each parameter that needs a gradient is one Dual column. The process's
+    parameter-only coefficients and their derivatives are evaluated first (a one-lane
+    kernel), so that per event only the per-event part carries the derivatives (~40
+    operations for the four electroweak parameters of e+e- -> mu+mu-, against ~170 for a
+    per-event reverse sweep); they are reduced with the weights g inside the same kernel.
+    """
+    flat, *parameters = saved
+    proc = get_process(process)
+    needed = [i for i, need in enumerate(needs[1:]) if need]
+    duals = [dm.Dual(p, [1.0 if j == i else None for j in needed]) for i, p in enumerate(parameters)]
+    coefficients = proc.coefficients(_sm_parameters(*duals, scheme), proc.check_flavour(flavour))
+    dr.eval(*dm.arrays(coefficients))
+    value = _matrix_element_value(_four_vectors(flat, proc), proc, coefficients, output)
+    grads = [None] * (1 + len(parameters))
+    for column, i in enumerate(needed):
+        derivative = value.tangents[column]
+        # Block sums of a 1-element input's gradient: the bridge adds them up (in torch: no more kernels).
+        grads[1 + i] = dr.zeros(type(weight), 1) if derivative is None else _block_sums(weight * derivative)
+    dr.eval(*[g for g in grads if g is not None])  # one kernel reading the momenta
+    return grads
 
 
 def _raise_for_bad_momenta(vectors, proc, params, tolerance, pending) -> None:
@@ -287,8 +290,7 @@ def _lane_parallel(kernel, packed_vectors: int | None = None):
             else:
                 grads.append(dr.grad(leaf))
         dr.eval(*[g for g in grads if g is not None])  # one kernel for all gradients
-        return [dr.sum(g) if g is not None and dr.width(x) == 1 and not isinstance(x, tuple) else g
-                for g, x in zip(grads, inputs)]
+        return grads  # the bridge adds up the block sums of 1-element inputs (in torch: no more kernels)
 
     return forward, vjp
 
@@ -394,13 +396,9 @@ class MatrixElement(_ProcessModule):
             raise TypeError(f"momenta must be float32 or float64, got {momenta.dtype}")
         if momenta.shape[0] == 0:
             raise ValueError("momenta must contain at least one event")
-        parameters = self._parameter_tensors(momenta)
-        jacobian_of = None
-        if torch.is_grad_enabled() and not momenta.requires_grad and any(p.requires_grad for p in parameters):
-            jacobian_of = tuple(p.requires_grad for p in parameters)
-        return _MATRIX_ELEMENT(momenta.reshape(-1), *parameters, process=self.process.name, flavour=self.flavour,
-                               scheme=self.scheme, output=self._output,
-                               tolerance=self.tolerance if self.validate else None, jacobian_of=jacobian_of)
+        return _MATRIX_ELEMENT(momenta.reshape(-1), *self._parameter_tensors(momenta), process=self.process.name,
+                               flavour=self.flavour, scheme=self.scheme, output=self._output,
+                               tolerance=self.tolerance if self.validate else None)
 
 
 class DifferentialCrossSection(MatrixElement):

@@ -15,7 +15,8 @@
 Tensor layout at the boundary: a tensor of shape ``(N,)`` becomes one Dr.Jit
 array of N lanes; ``(N, k)`` becomes a tuple of k arrays (structure of arrays);
 a 0-d tensor becomes a 1-lane array that broadcasts against N lanes (its
-gradient is summed over lanes, as for a broadcast parameter in torch).
+gradient is summed over lanes, as for a broadcast parameter in torch). A kernel
+output that is a Dr.Jit mask (Bool) array becomes a ``torch.bool`` tensor, which has no gradient.
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ def _join(value, types: KernelTypes, owners: "_Owners") -> torch.Tensor:
         columns = [dr.detach(types.Float(c)) for c in value]
         dr.eval(*columns)
         return torch.stack([c.torch() for c in columns], dim=-1)
-    array = dr.detach(types.Float(value))
+    array = value if isinstance(value, types.Bool) else dr.detach(types.Float(value))
     dr.eval(array)
     return owners.hand_over(array)
 

@@ -159,6 +159,22 @@ def test_summed_output_gradient_equals_explicit_ones():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _square_and_mask(x):
+    return x * x, x > 0.0
+
+
+def test_mask_outputs_become_bool_tensors_without_gradient():
+    square_and_mask = engine.kernel_function(_square_and_mask)
+    x = torch.tensor([-1.5, 0.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    square, mask = square_and_mask(x)
+    assert mask.dtype == torch.bool and not mask.requires_grad
+    assert mask.tolist() == [False, False, True, True]
+    (grad,) = torch.autograd.grad((square * mask).sum(), x)
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 4.0, 6.0], dtype=torch.float64))
+    with torch.no_grad():
+        assert square_and_mask(x)[1].tolist() == mask.tolist()
+
+
 def _identity(x):
     return x
 

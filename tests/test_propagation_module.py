@@ -95,6 +95,54 @@ def test_gradients_flow_to_a_network_and_repeated_backward_accumulates(propagato
     assert propagator.positions.grad is None            # not trainable by default
 
 
+def test_unusable_tracks_are_found_by_the_kernel_in_recorded_and_replayed_calls():
+    """The finite / direction checks run inside the (frozen) kernel: a bad track raises in the call
+    that records the kernels and in later replays, with or without gradients; good batches of the same
+    size still run. At kernel level the bad tracks are flagged, never stepped, and leave the other
+    tracks' results unchanged."""
+    propagator = Propagator(SolenoidField(2.0, 1200.0, 3000.0), LAYERS, stepper=RK4(10.0))
+    params = _params(40)
+    bad = params.clone()
+    bad[7, 1] = float("inf")
+    for requires_grad in (False, True, False):
+        with pytest.raises(ValueError, match="params contains NaN or infinite"):
+            propagator(bad.clone().requires_grad_(requires_grad))
+        zero = params.clone().requires_grad_(requires_grad)
+        with torch.no_grad():
+            zero[3, 4:7] = 0.0
+        with pytest.raises(ValueError, match="direction.*positive length"):
+            propagator(zero)
+        propagator(params.clone().requires_grad_(requires_grad))
+
+    from pyhybrid.kernels import propagation as kprop
+    from pyhybrid.kernels.backend import kernel_types
+    from pyhybrid.kernels.fields import SolenoidField as KernelSolenoid
+
+    types = kernel_types("cpu", "float64")
+    layers = [layer.kernel_layer() for layer in LAYERS]
+    options = kprop.PropagationOptions(stepper=RK4(10.0))
+
+    def run(rows):
+        state = kprop.FreeParameters.from_columns([types.Float(rows[:, j].numpy()) for j in range(8)])
+        hits = kprop.propagate_layers(state, KernelSolenoid(2.0, 1200.0, 3000.0), [k for k, _ in layers],
+                                      types.Float([a for _, a in layers]), types.Float([0.3] * len(layers)), options)
+        lanes = kprop.coherent_lanes(state.direction, rows.shape[0])
+        unusable = np.zeros(rows.shape[0], bool)
+        unusable[lanes.numpy()] = hits.unusable.numpy()
+        return np.stack([v.numpy() for v in hits.valid]), np.stack([v.numpy() for v in hits.path]), unusable
+
+    rows = params.detach().clone()
+    rows[5, 0], rows[9, 4:7], rows[12, 7] = float("nan"), 0.0, float("-inf")
+    valid, path, unusable = run(rows)
+    assert unusable.nonzero()[0].tolist() == [5, 9, 12]
+    assert not valid[:, [5, 9, 12]].any() and (path[:, [5, 9, 12]] == 0).all()
+    good = [i for i in range(40) if i not in (5, 9, 12)]
+    reference_valid, reference_path, reference_unusable = run(params.detach()[good])
+    assert not reference_unusable.any() and reference_valid.any()
+    np.testing.assert_array_equal(valid[:, good], reference_valid)
+    np.testing.assert_array_equal(path[:, good], reference_path)
+
+
 def test_bad_input_gives_clear_errors(propagator):
     params = _params(4)
     with pytest.raises(ValueError, match=r"params must have shape \(\*, 8\)"):

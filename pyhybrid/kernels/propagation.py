@@ -4,10 +4,11 @@ Track state: ACTS free parameters, one lane per track,
 
     (x, y, z [mm], t [ns], tx, ty, tz [unit direction], q/p [e/GeV]),
 
-see :class:`FreeParameters`. Input directions are normalised (their length must
-be positive: a zero or NaN direction is not checked here and gives a track that misses every
-layer; the torch layer rejects it); q/p = 0 means a neutral / infinite-momentum track: a
-straight line, no material effects, time advancing at the speed of light.
+see :class:`FreeParameters`. Input directions are normalised; a track with a non-finite
+parameter or a direction of zero (or overflowing) length is not propagated: it misses every
+layer and is flagged in :attr:`LayerHits.unusable` (the torch layer then raises). q/p = 0 means a
+neutral / infinite-momentum track: a straight line, no material effects, time advancing at the
+speed of light.
 
 Navigation: :func:`propagate_layers` visits the layers in the order given.
 For each layer it steps (RK4 or adaptive RKN, see :mod:`steppers`) towards the
@@ -258,11 +259,12 @@ def _check(loop: _Loop, target, side, options: PropagationOptions, running, next
     return crossed, approached, distance, status
 
 
-def _step_to_target(field, target, r, t, lam, options: PropagationOptions, columns=None):
+def _step_to_target(field, target, r, t, lam, options: PropagationOptions, columns=None, active=None):
     """Run the stepping loop until every lane reached or missed its target.
 
-    ``columns``: list of :class:`TangentColumn` to carry (or None). Returns the final loop state
-    (unevaluated: the loop is compiled into the kernel that evaluates its results).
+    ``columns``: list of :class:`TangentColumn` to carry (or None); ``active``: lanes to step (None:
+    all; the others are MISSED without a step). Returns the final loop state (unevaluated: the
+    loop is compiled into the kernel that evaluates its results).
     """
     types = types_of(r[0])
     stepper = options.stepper
@@ -270,8 +272,9 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     zero = dr.zeros(types.Float, n)
     side = dr.select(target.level(r, zero) > 0, 1.0, -1.0)
     metadata = [(c.d_lambda, c.field_parameter, c.per_lambda) for c in columns or []]
+    status = dr.full(types.UInt32, RUNNING, n) if active is None else dr.select(active, RUNNING, MISSED)
     loop = _Loop(r=tuple(types.Float(v) + zero for v in r), t=tuple(types.Float(v) + zero for v in t), s=zero,
-                 iterations=dr.zeros(types.UInt32, n), status=dr.full(types.UInt32, RUNNING, n),
+                 iterations=dr.zeros(types.UInt32, n), status=status,
                  crossed=dr.zeros(types.Bool, n), approached=dr.zeros(types.Bool, n), distance=zero,
                  columns=[(_dense(c.dr, zero), _dense(c.dt, zero)) for c in columns or []])
     if stepper.adaptive:
@@ -609,11 +612,13 @@ class LayerHits:
     """Per-layer results, stored layer-major as flat arrays (the torch layer hands them over as
     (N, L, ...) views without a copy): ``free_rows`` (L, N, 8) free parameters on the surface
     (before its material), ``local_rows`` (L, N, 2), ``path_rows`` (L, N) path length from the
-    start [mm], ``valid_rows`` (L, N) 1.0 where the layer was hit, else 0.0 (and zeros in the other
-    outputs). Layer-major because each layer's kernel writes its outputs: its N rows are then one
+    start [mm], ``valid_rows`` (L, N) a Bool array, True where the layer was hit (the other outputs
+    are zeros where it was not). Layer-major because each layer's kernel writes its outputs: its N rows are then one
     contiguous block (track-major rows would spread every layer's writes over the whole array, a
     cache line per track and output, which cost ~15 % of a forward call).
     ``free``, ``local``, ``path``, ``valid`` give them as lists over layers of arrays over tracks.
+    ``unusable``: per lane (in the lane order of :func:`coherent_lanes`), True for a track that was not
+    propagated because a parameter is not finite or its direction has no usable length.
     The rows may be longer than L*N*width (``capacity`` of :func:`output_rows`); the entries past
     that are unused. covariance: (when requested) lists over layers of the 8x8 free covariance on
     the surface; local_covariance: 2x2.
@@ -628,6 +633,7 @@ class LayerHits:
     covariance: list | None = None
     local_covariance: list | None = None
     record: JacobianRecord | None = None
+    unusable: object = None
 
     @property
     def free(self) -> list:
@@ -643,7 +649,7 @@ class LayerHits:
 
     @property
     def valid(self) -> list:
-        return [c[0] != 0 for c in self._columns(self.valid_rows, 1)]
+        return [c[0] for c in self._columns(self.valid_rows, 1)]
 
     def _columns(self, rows, width: int) -> list:
         lanes = dr.arange(dr.uint32_array_t(type(rows)), self.n_tracks)
@@ -651,8 +657,8 @@ class LayerHits:
 
 
 def output_rows(types: KernelTypes, n: int, n_layers: int, *, like=None, capacity: int | None = None) -> list:
-    """Arrays of L*N*8, L*N*2, L*N and L*N entries for the outputs of :func:`propagate_layers`,
-    which writes every entry: their contents are undefined.
+    """Arrays of L*N*8, L*N*2, L*N and L*N entries for the outputs of :func:`propagate_layers`
+    (the last a Bool array), which writes every entry: their contents are undefined.
 
     Outside a ``dr.freeze`` recording they are allocated uninitialised (no zero-fill: 4 ms per
     100 000 tracks). Inside one, either pass ``capacity``, an int >= N: the rows are then allocated
@@ -669,13 +675,15 @@ def output_rows(types: KernelTypes, n: int, n_layers: int, *, like=None, capacit
     if capacity is not None and capacity < n:
         raise ValueError(f"capacity ({capacity}) must be at least the number of tracks ({n})")
     sizes = [(n if capacity is None else capacity) * n_layers * width for width in (8, 2, 1, 1)]
+    kinds = (types.Float, types.Float, types.Float, types.Bool)
     if like is None:
-        rows = [dr.empty(types.Float, size) for size in sizes]
+        rows = [dr.empty(kind, size) for kind, size in zip(kinds, sizes)]
     else:
         if any(source.state == dr.VarState.Literal for source in like):
             raise ValueError("inside a dr.freeze recording the track parameters must be arrays of N lanes, "
                              "not literals: the output rows are sized from them")
-        rows = [dr.gather(types.Float, source, dr.zeros(types.UInt32, size)) for source, size in zip(like, sizes)]
+        rows = [kind(dr.gather(types.Float, source, dr.zeros(types.UInt32, size)))
+                for kind, source, size in zip(kinds, like, sizes)]
     dr.eval(rows)
     return rows
 
@@ -740,18 +748,23 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     # Layer parameters as memory (an array built from Python floats may be compiled in as constants).
     positions, thickness = types.Float(positions), types.Float(thickness)
     dr.make_opaque(positions, thickness)
-    norm = dm.sqrt(dm.dot(params.direction, params.direction))
+    length2 = dm.dot(params.direction, params.direction)
+    norm = dm.sqrt(length2)
     state = FreeParameters(tuple(v + zero for v in params.position), params.time + zero,
                            tuple(v / norm + zero for v in params.direction), params.qop + zero)
-    dr.eval(state)
+    # Tracks that cannot be propagated never step (a NaN lane would step until max_steps).
+    usable = (length2 > 0) & dr.isfinite(length2)
+    for v in params.columns():
+        usable = usable & dr.isfinite(v)
+    alive = usable | dr.zeros(types.Bool, n)
+    dr.eval(state, alive)
     recording = dr.flag(dr.JitFlag.FreezingScope)
-    alive = dr.full(types.Bool, True, n)
     path_total = dr.zeros(types.Float, n)
     # Start values as memory, not literals: the first layer then compiles to the same kernels as the others.
     # (Not inside a dr.freeze recording: there an opaque array without inputs keeps the recorded
     # width on replay, while literals take the width of the kernels they are compiled into.)
     if not recording:
-        dr.make_opaque(alive, path_total)
+        dr.make_opaque(path_total)
     inverse = inverse_permutation(lanes) if derivatives else None
     record = JacobianRecord(n_field, lanes, inverse, direction=state.direction,
                             direction_norm=norm + zero) if jacobian else None
@@ -761,7 +774,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     sized_from_tracks = recording and capacity is None
     rows = output_rows(types, n, n_layers, like=state.columns()[:4] if sized_from_tracks else None, capacity=capacity)
     hits = LayerHits(n_layers, n, *rows, covariance=[] if cov is not None else None,
-                     local_covariance=[] if cov is not None else None, record=record)
+                     local_covariance=[] if cov is not None else None, record=record, unusable=~alive)
     layer_stride = n if n_tracks is None else n_tracks  # rows of one layer
 
     for k, layer in enumerate(layers):
@@ -773,7 +786,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         start = _SegmentStart.of(field, state.position, state.direction, lam, options,
                                  field_gradient) if derivatives else None
         columns = start.columns() if derivatives else None
-        loop = _step_to_target(field, target, state.position, state.direction, lam, options, columns)
+        loop = _step_to_target(field, target, state.position, state.direction, lam, options, columns, alive)
         if derivatives:
             r, t = _segment_duals(field, loop, start, lam, n_columns)
             qop = dm.Dual.variable(state.qop, _QOP, n_columns)
@@ -808,10 +821,10 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
         # Outputs of this layer into their rows, zeros where the layer is missed: every entry is written
         # (unmasked packet stores), whatever the rows held before.
         row = index * layer_stride + lanes
-        outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local],
-                   [path_total + dm.value(path)], [zero + 1.0])
+        outputs = ([dm.value(v) for v in surface_state], [dm.value(v) for v in local], [path_total + dm.value(path)])
         for target_rows, values in zip(rows, outputs):
             dr.scatter(target_rows, types.ArrayX([dr.select(hit, v, 0.0) for v in values]), row)
+        dr.scatter(rows[3], hit, row)
 
         if cov is not None:
             cov = _transport_covariance(cov, surface_state, after_state, local, interaction, options, hit,

@@ -77,21 +77,23 @@ MATERIALS = {m.name: m for m in (SILICON, BERYLLIUM, ALUMINIUM)}
 
 def _kinematics(p, mass):
     """(beta gamma)^2, gamma, beta^2 from momentum and mass."""
-    bg2 = (p * p) / (mass * mass)
+    bg2 = (p * p) * (1.0 / (mass * mass))
     gamma = dm.sqrt(1.0 + bg2)
     beta2 = bg2 / (1.0 + bg2)
     return bg2, gamma, beta2
 
 
 def density_correction(material: Material, bg2):
-    """Sternheimer delta as a function of (beta gamma)^2."""
+    """Sternheimer delta as a function of (beta gamma)^2 (x = log10(beta gamma); since 10^(2 x) is
+    (beta gamma)^2, only the middle branch needs transcendental functions besides x itself)."""
     a, k, x0, x1, c_bar, delta0 = material.sternheimer
-    x = dm.log(bg2) * (0.5 / _LN10)                      # log10(beta gamma)
+    log_bg2 = dm.log(bg2)
+    x = log_bg2 * (0.5 / _LN10)
     xv = dm.value(x)
-    high = (2.0 * _LN10) * x - c_bar
+    high = log_bg2 - c_bar                                   # 2 ln(10) x - C_bar
     gap = dm.select(xv < x1, x1 - x, 1.0)
     middle = high + a * dm.exp(k * dm.log(gap))
-    low = delta0 * dm.exp((2.0 * _LN10) * (x - x0))
+    low = bg2 * (delta0 * 10.0 ** (-2.0 * x0))               # delta0 10^(2 (x - x0))
     return dm.select(xv < x0, low, dm.select(xv < x1, middle, high))
 
 

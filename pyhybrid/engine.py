@@ -130,7 +130,8 @@ def _split(flat, shape: tuple[int, ...]):
 
 
 def _join(value, types: KernelTypes, owners: "_Owners") -> torch.Tensor:
-    """Kernel output (array, or list/vector of column arrays) -> torch tensor of its own."""
+    """Kernel output (array, or list/vector of column arrays) -> torch tensor of its own; a single
+    mask (Bool) array becomes a bool tensor (columns are always floating point)."""
     if _is_columns(value):
         columns = [dr.detach(types.Float(c)) for c in value]
         dr.eval(*columns)

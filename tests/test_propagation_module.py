@@ -113,6 +113,13 @@ def test_unusable_tracks_are_found_by_the_kernel_in_recorded_and_replayed_calls(
         with pytest.raises(ValueError, match="direction.*positive length"):
             propagator(zero)
         propagator(params.clone().requires_grad_(requires_grad))
+    sampling = Propagator(SolenoidField(2.0, 1200.0, 3000.0), LAYERS, stepper=RK4(10.0), scattering="sample")
+    torch.manual_seed(5)
+    expected = torch.rand(())
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match="params contains NaN or infinite"):
+        sampling(bad)
+    assert torch.rand(()) == expected  # a rejected call leaves torch's random state as it was
 
     from pyhybrid.kernels import propagation as kprop
     from pyhybrid.kernels.backend import kernel_types

@@ -205,6 +205,6 @@ class HardProcess:
         """g g -> t tbar: 1 (top connected to gluon 2) with its leading-colour probability; else 0."""
         if self.process.name != "gg_tt":
             return dr.zeros(types.UInt32, dr.width(u))
-        w13, _ = gg_to_ttbar_colour_weights(point.momenta, self.params)
+        w13, _ = gg_to_ttbar_colour_weights(point.momenta)
         return types.UInt32(dr.select(u < w13, 0, 1))
 

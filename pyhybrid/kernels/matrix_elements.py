@@ -140,7 +140,7 @@ def _ee_qqg_coefficients(params: SMParameters, flavour: str):
 
 
 def _top_coefficients(params: SMParameters, flavour=None):
-    """(g_s^4, 4 m_t^2 [GeV^2])."""
+    """(g_s^4, 4 m_t^2 [GeV^2]); the same for every flavour (``flavour``: the Process.coefficients signature)."""
     gs2 = params.alpha_s * (4.0 * math.pi)
     return gs2 * gs2, params.top_mass * params.top_mass * 4.0
 
@@ -206,7 +206,7 @@ def gg_to_ttbar(p: Sequence[FourVector], params: SMParameters, flavour: str | No
     return _gg_to_ttbar_events(p, _top_coefficients(params))
 
 
-def gg_to_ttbar_colour_weights(p: Sequence[FourVector], params: SMParameters | None = None):
+def gg_to_ttbar_colour_weights(p: Sequence[FourVector]):
     """Leading-colour weights (w13, w23) of the two colour flows of g g -> t tbar.
 
     w13 ~ tau2 / tau1: the top is colour-connected to gluon 1 (dominant when the

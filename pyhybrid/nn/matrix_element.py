@@ -61,9 +61,8 @@ def _sm_parameters(mz, gamma_z, coupling, sin2_theta_w, alpha_s, top_mass, schem
 def _matrix_element_kernel(columns, *parameters, process, flavour, scheme, output):
     """|M|^2 or d sigma / d Phi_n [pb] from the (E, px, py, pz) columns of all particles."""
     proc = get_process(process)
-    vectors = [FourVector.from_columns(columns[4 * i: 4 * i + 4]) for i in range(proc.n_particles)]
     coefficients = proc.coefficients(_sm_parameters(*parameters, scheme), proc.check_flavour(flavour))
-    return _matrix_element_value(vectors, proc, coefficients, output)
+    return _matrix_element_value(_four_vectors(columns), proc, coefficients, output)
 
 
 def _matrix_element_value(vectors, proc, coefficients, output):
@@ -80,7 +79,7 @@ def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output,
     ``tolerance``, the input validation. Returns (value, inputs): the backward pass
     recomputes what it needs from the inputs (see :func:`_matrix_element_vjp`)."""
     proc = get_process(process)
-    vectors = _four_vectors(flat, proc)
+    vectors = _four_vectors(_four_vector_columns(flat, proc.n_particles))
     params = _sm_parameters(*parameters, scheme)
     value = _matrix_element_value(vectors, proc, proc.coefficients(params, proc.check_flavour(flavour)), output)
     if tolerance is not None:
@@ -90,9 +89,9 @@ def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output,
     return value, (flat, *parameters)
 
 
-def _four_vectors(flat, proc) -> list:
-    columns = _four_vector_columns(flat, proc.n_particles)
-    return [FourVector.from_columns(columns[4 * i: 4 * i + 4]) for i in range(proc.n_particles)]
+def _four_vectors(columns) -> list:
+    """(E, px, py, pz) columns of n particles -> n FourVectors."""
+    return [FourVector.from_columns(columns[i: i + 4]) for i in range(0, len(columns), 4)]
 
 
 def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, **static):
@@ -120,7 +119,8 @@ def _parameter_vjp(saved, weight, needs, *, process, flavour, scheme, output):
     duals = [dm.Dual(p, [1.0 if j == i else None for j in needed]) for i, p in enumerate(parameters)]
     coefficients = proc.coefficients(_sm_parameters(*duals, scheme), proc.check_flavour(flavour))
     dr.eval(*dm.arrays(coefficients))
-    value = _matrix_element_value(_four_vectors(flat, proc), proc, coefficients, output)
+    value = _matrix_element_value(_four_vectors(_four_vector_columns(flat, proc.n_particles)), proc, coefficients,
+                                  output)
     grads = [None] * (1 + len(parameters))
     for column, i in enumerate(needed):
         derivative = value.tangents[column]

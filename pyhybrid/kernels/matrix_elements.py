@@ -269,7 +269,12 @@ class Process:
         """<|M|^2> for ``momenta`` (incoming first) [dimensionless for 2->2, GeV^-2 for 2->3]."""
         if len(momenta) != self.n_particles:
             raise ValueError(f"process {self.name!r} needs {self.n_particles} momenta, got {len(momenta)}")
-        return self.events(momenta, self.coefficients(params, self.check_flavour(flavour)))
+        return self.events(momenta, self.coefficients_of(params, flavour))
+
+    def coefficients_of(self, params: SMParameters, flavour: str | None = None):
+        """The parameter-only coefficients of ``params`` (floats, Dr.Jit arrays or Duals) for ``flavour``
+        (the default one when None; unknown flavours raise ValueError)."""
+        return self.coefficients(params, self.check_flavour(flavour))
 
 
 _QUARK_CHOICES = QUARKS + ("all",)

@@ -756,7 +756,7 @@ def propagate_layers(params: FreeParameters, field, layers: Sequence[Layer], pos
     usable = (length2 > 0) & dr.isfinite(length2)
     for v in params.columns():
         usable = usable & dr.isfinite(v)
-    alive = usable | dr.zeros(types.Bool, n)
+    alive = usable | dr.zeros(types.Bool, n)  # N lanes also when every column is one broadcast value
     dr.eval(state, alive)
     recording = dr.flag(dr.JitFlag.FreezingScope)
     path_total = dr.zeros(types.Float, n)

@@ -61,7 +61,7 @@ def _sm_parameters(mz, gamma_z, coupling, sin2_theta_w, alpha_s, top_mass, schem
 def _matrix_element_kernel(columns, *parameters, process, flavour, scheme, output):
     """|M|^2 or d sigma / d Phi_n [pb] from the (E, px, py, pz) columns of all particles."""
     proc = get_process(process)
-    coefficients = proc.coefficients(_sm_parameters(*parameters, scheme), proc.check_flavour(flavour))
+    coefficients = proc.coefficients_of(_sm_parameters(*parameters, scheme), flavour)
     return _matrix_element_value(_four_vectors(columns), proc, coefficients, output)
 
 
@@ -81,7 +81,7 @@ def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output,
     proc = get_process(process)
     vectors = _four_vectors(_four_vector_columns(flat, proc.n_particles))
     params = _sm_parameters(*parameters, scheme)
-    value = _matrix_element_value(vectors, proc, proc.coefficients(params, proc.check_flavour(flavour)), output)
+    value = _matrix_element_value(vectors, proc, proc.coefficients_of(params, flavour), output)
     if tolerance is not None:
         _raise_for_bad_momenta(vectors, proc, params, tolerance, [value])
     else:
@@ -117,7 +117,7 @@ def _parameter_vjp(saved, weight, needs, *, process, flavour, scheme, output):
     proc = get_process(process)
     needed = [i for i, need in enumerate(needs[1:]) if need]
     duals = [dm.Dual(p, [1.0 if j == i else None for j in needed]) for i, p in enumerate(parameters)]
-    coefficients = proc.coefficients(_sm_parameters(*duals, scheme), proc.check_flavour(flavour))
+    coefficients = proc.coefficients_of(_sm_parameters(*duals, scheme), flavour)
     dr.eval(*dm.arrays(coefficients))
     value = _matrix_element_value(_four_vectors(_four_vector_columns(flat, proc.n_particles)), proc, coefficients,
                                   output)

@@ -428,14 +428,14 @@ class Propagator(nn.Module):
             inputs.append(covariance.reshape(-1, 64))
         if params.shape[0] == 0:
             return self._empty_result(params, covariance is not None)
-        rng_state = None
-        if seed is None and self.options.scattering == "sample":
-            rng_state = torch.get_rng_state()  # restored if the kernel rejects the tracks
-            seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        sampled_seed = seed is None and self.options.scattering == "sample"
+        rng_state = torch.get_rng_state() if sampled_seed else None  # restored if the kernel rejects the tracks
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if sampled_seed else 0
         jacobian = torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:4])
         outputs = _PROPAGATE(*inputs, layers=self.kernel_layers, options=self.options,
                              field=self.field.kernel_field(params.device, params.dtype),
-                             jacobian=jacobian, seed=0 if seed is None else seed, with_covariance=covariance is not None,
+                             jacobian=jacobian, seed=seed, with_covariance=covariance is not None,
                              field_gradient=jacobian and field_params.requires_grad,
                              layer_gradient=jacobian and (positions.requires_grad or thickness.requires_grad),
                              freeze=self.freeze_kernels)

@@ -124,14 +124,14 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
     harness.plot(rows, png_path)
     table = Table(title="pyhybrid bench (median of repeats)")
     for column in ("case", "device", "precision", "backend", "threads", "rate", "x torch eager",
-                   "MB: calls / peak (RSS | GPU)"):
+                   "MB: calls / peak (RSS | GPU)", "OpenMP wait"):
         table.add_column(column)
     for r in rows:
         ratio = "-" if r["ratio_vs_torch"] is None else f"{r['ratio_vs_torch']:.1f}"
         calls, peak = ("cuda_calls_mb", "cuda_peak_mb") if r["device"] == "cuda" else ("calls_rss_mb", "peak_rss_mb")
         memory = f"{r[calls]} / {r[peak]}" if calls in r else r[peak]
         table.add_row(r["case"], r["device"], r["precision"], r["backend"], str(r["threads"] or "-"),
-                      f"{r['rate']:.3g} {r['unit']}/s", ratio, str(memory))
+                      f"{r['rate']:.3g} {r['unit']}/s", ratio, str(memory), r["openmp"])
     # Wide enough for the case names when the output is not a terminal (rich would assume 80 columns).
     Console(width=shutil.get_terminal_size((150, 24)).columns).print(table)
     click.echo(f"wrote {json_path} and {png_path}")

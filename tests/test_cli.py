@@ -48,6 +48,20 @@ def test_bench_writes_json_and_png(tmp_path):
     if sys.platform == "linux":  # the calls' own peak, counted from the end of the set-up
         assert all(0 <= row["calls_rss_mb"] <= row["peak_rss_mb"] for row in data["rows"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    for row in data["rows"]:
+        assert row["openmp"] == harness._openmp_setting(harness._environment(row["backend"]))
+
+
+def test_bench_runs_drjit_with_passive_openmp_unless_the_caller_chose(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert harness._environment("drjit") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert harness._environment("torch") == {}
+    assert harness._openmp_setting(harness._environment("drjit")) == "OMP_WAIT_POLICY=PASSIVE"
+    assert harness._openmp_setting(harness._environment("torch")) == "default"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # libgomp's default, made explicit
+    assert harness._environment("drjit") == {}
+    assert harness._openmp_setting(harness._environment("drjit")) == "GOMP_SPINCOUNT=300000"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="counts the peak from /proc/self")

@@ -191,8 +191,9 @@ def test_gmu_scheme_alpha_and_gradient():
 
 
 @pytest.mark.parametrize("process", ["ee_mumu", "ee_qqg", "qq_tt", "gg_tt"])
-def test_gradcheck_through_matrix_element(process):
-    module = MatrixElement(process, tolerance=1e-4).double()
+@pytest.mark.parametrize("module_type", [MatrixElement, DifferentialCrossSection])
+def test_gradcheck_through_matrix_element(process, module_type):
+    module = module_type(process, tolerance=1e-4).double()
     momenta = _momenta(process, 3).requires_grad_()
     params = [getattr(module, name) for name in PARAMETER_NAMES]
 
@@ -201,6 +202,14 @@ def test_gradcheck_through_matrix_element(process):
 
     inputs = (momenta, *[p.detach().clone().requires_grad_() for p in params])
     assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-8, rtol=1e-5)
+
+
+@pytest.mark.parametrize("process", ["ee_qq", "ee_qqg"])
+def test_gradcheck_momenta_only_in_the_gmu_scheme(process):
+    """Frozen parameters: the backward pass carries no parameter columns."""
+    module = MatrixElement(process, gf=GF, tolerance=1e-4).double().requires_grad_(False)
+    momenta = _momenta(process, 3).requires_grad_()
+    assert torch.autograd.gradcheck(module, (momenta,), eps=1e-6, atol=1e-8, rtol=1e-5)
 
 
 @pytest.mark.parametrize("process", ["ee_mumu", "ee_qq", "ee_qqg", "qq_tt", "gg_tt"])

@@ -42,6 +42,8 @@ BENCH_MODULES = ("propagate", "me", "shower", "calorimeter", "training")
 IDLE_PAUSE = 0.06
 # Seconds of back-to-back calls per timed block (short calls are timed in steady state).
 BLOCK_SECONDS = 0.3
+# The Dr.Jit process runs with torch's OpenMP threads waiting passively (see :func:`_environment`).
+DRJIT_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,11 @@ class _Worker:
 
     def __init__(self, spec: dict):
         self.spec = spec
+        self.environment = _environment(spec["backend"])
         self.log = tempfile.TemporaryFile(mode="w+")  # the child's stderr (a pipe could fill up and block it)
         self.process = subprocess.Popen([sys.executable, "-m", "pyhybrid.bench.harness", json.dumps(spec)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                        env={**os.environ, **self.environment})
         self.available = self._reply()["available"]
 
     def _reply(self) -> dict:
@@ -166,6 +170,29 @@ class _Worker:
         return memory
 
 
+def _environment(backend: str) -> dict:
+    """Environment variables set for a worker process (beyond the caller's).
+
+    libgomp, torch's OpenMP runtime, keeps its threads spinning for up to ~20 ms after every parallel
+    torch op (by default: GOMP_SPINCOUNT = 300 000 pause instructions), on the cores that a Dr.Jit
+    kernel launched right after it needs: on 2 cores the gradient kernel after a loss's ``.sum()``
+    took 1.6x as long. The Dr.Jit process therefore runs with ``OMP_WAIT_POLICY=PASSIVE``, the
+    setting README recommends for mixing torch and Dr.Jit on few cores; the torch-eager process keeps
+    the default, which is faster for torch alone. A caller who sets OMP_WAIT_POLICY or GOMP_SPINCOUNT
+    (``GOMP_SPINCOUNT=300000`` is libgomp's default) keeps that in both processes.
+    """
+    if backend != "drjit" or any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        return {}
+    return dict(DRJIT_OPENMP)
+
+
+def _openmp_setting(environment: dict) -> str:
+    """The OpenMP wait setting a worker ran with, for the report."""
+    merged = {**os.environ, **environment}
+    settings = [f"{name}={merged[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in merged]
+    return " ".join(settings) or "default"
+
+
 def _measure_interleaved(case: BenchCase, device: str, precision: str, threads: list, repeats: int) -> list[dict]:
     """Medians of ``repeats`` rounds, each one torch-eager block and one Dr.Jit block per thread count."""
     spec = {"case": case.name, "device": device, "precision": precision, "threads": threads}
@@ -182,7 +209,7 @@ def _measure_interleaved(case: BenchCase, device: str, precision: str, threads: 
         if seconds:
             reported_threads = (os.cpu_count() if device == "cpu" else None) if backend == "torch" else n
             rows.append({**_row(case, device, precision, backend, reported_threads, statistics.median(seconds)),
-                         **memory[backend]})
+                         "openmp": _openmp_setting(workers[backend].environment), **memory[backend]})
     return rows
 
 

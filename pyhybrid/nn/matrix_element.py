@@ -58,13 +58,6 @@ def _sm_parameters(mz, gamma_z, coupling, sin2_theta_w, alpha_s, top_mass, schem
                         top_mass=top_mass)
 
 
-def _matrix_element_kernel(columns, *parameters, process, flavour, scheme, output):
-    """|M|^2 or d sigma / d Phi_n [pb] from the (E, px, py, pz) columns of all particles."""
-    proc = get_process(process)
-    coefficients = proc.coefficients_of(_sm_parameters(*parameters, scheme), flavour)
-    return _matrix_element_value(_four_vectors(columns), proc, coefficients, output)
-
-
 def _matrix_element_value(vectors, proc, coefficients, output):
     """The value from the process's parameter-only coefficients (plain or Duals)."""
     value = proc.events(vectors, coefficients)
@@ -94,34 +87,35 @@ def _four_vectors(columns) -> list:
     return [FourVector.from_columns(columns[i: i + 4]) for i in range(0, len(columns), 4)]
 
 
-def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, **static):
-    """Backward pass of :class:`MatrixElement`: a re-run of the kernel, under Dr.Jit reverse-mode AD
-    when the momenta need gradients, else with forward-mode parameter derivatives
-    (:func:`_parameter_vjp`)."""
-    if needs[0]:
-        _, recompute = _lane_parallel(_matrix_element_kernel, packed_vectors=get_process(static["process"]).n_particles)
-        return recompute(saved, grad_outputs, needs, **static)
-    return _parameter_vjp(saved, grad_outputs[0], needs, **static)
+def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, process, flavour, scheme, output):
+    """Backward pass of :class:`MatrixElement`: the value recomputed from the saved momenta, in one
+    kernel that also reduces the gradients with the weights g.
 
-
-def _parameter_vjp(saved, weight, needs, *, process, flavour, scheme, output):
-    """Gradients sum_i g_i dM_i/dtheta of the parameters alone (the matrix-element-inference case).
-
-    Forward mode: each parameter that needs a gradient is one Dual column. The process's
-    parameter-only coefficients and their derivatives are evaluated first (a one-lane
-    kernel), so that per event only the per-event part carries the derivatives (~40
-    operations for the four electroweak parameters of e+e- -> mu+mu-, against ~170 for a
-    per-event reverse sweep); they are reduced with the weights g inside the same kernel.
+    Parameters: forward mode. Each parameter that needs a gradient is one Dual column; the process's
+    parameter-only coefficients and their derivatives are evaluated first (a one-lane kernel), so that
+    per event only the per-event part carries the derivatives (~40 operations for the four
+    electroweak parameters of e+e- -> mu+mu-, against ~170 for a per-event reverse sweep).
+    Momenta: Dr.Jit reverse-mode AD of the per-event part alone, the coefficients being constants
+    of it (not recomputed and differentiated per event).
     """
     flat, *parameters = saved
+    weight = grad_outputs[0]
     proc = get_process(process)
     needed = [i for i, need in enumerate(needs[1:]) if need]
     duals = [dm.Dual(p, [1.0 if j == i else None for j in needed]) for i, p in enumerate(parameters)]
     coefficients = proc.coefficients_of(_sm_parameters(*duals, scheme), flavour)
     dr.eval(*dm.arrays(coefficients))
-    value = _matrix_element_value(_four_vectors(_four_vector_columns(flat, proc.n_particles)), proc, coefficients,
-                                  output)
+    columns = _four_vector_columns(flat, proc.n_particles)
+    if needs[0]:
+        columns = tuple(type(c)(c) for c in columns)  # AD leaves: their gradients need no scatter into flat
+        dr.enable_grad(columns)
+    value = _matrix_element_value(_four_vectors(columns), proc, coefficients, output)
     grads = [None] * (1 + len(parameters))
+    if needs[0]:
+        dr.set_grad(value.value, weight)
+        dr.enqueue(dr.ADMode.Backward, value.value)
+        dr.traverse(dr.ADMode.Backward)
+        grads[0] = _interleave_four_vectors([dr.grad(c) for c in columns])
     for column, i in enumerate(needed):
         derivative = value.tangents[column]
         # Block sums of a 1-element input's gradient: the bridge adds them up (in torch: no more kernels).
@@ -240,51 +234,35 @@ def _block_sums(per_lane):
     return partial
 
 
-def _lane_parallel(kernel, packed_vectors: int | None = None):
-    """(forward, vjp) for :func:`kernel_function` with a cheaper reverse pass than the generic one.
+def _lane_parallel(kernel):
+    """(forward, vjp) for :func:`kernel_function` of a ``kernel`` with one output, with a cheaper
+    reverse pass than the generic one.
 
-    With ``packed_vectors``, input 0 is a flat (N * packed_vectors * 4) tensor of
-    four-vectors that ``kernel`` receives as a tuple of columns. The VJP re-runs
-    ``kernel`` under Dr.Jit reverse AD with (i) those *columns* as AD leaves, so
-    their gradients need no atomic scatter-add into the flat input, and (ii)
-    every 1-lane (broadcast) input widened to N lanes, so its per-lane gradient
-    is reduced in partial sums inside the gradient kernel instead of being
-    accumulated at each broadcast. All gradients come out of one fused kernel.
+    The VJP re-runs ``kernel`` under Dr.Jit reverse AD with every 1-lane (broadcast) input widened
+    to N lanes, so that its per-lane gradient is reduced in partial sums inside the gradient kernel
+    instead of being accumulated at each broadcast. All gradients come out of one fused kernel.
     """
 
-    def unpack(inputs):
-        if packed_vectors is None:
-            return list(inputs)
-        return [_four_vector_columns(inputs[0], packed_vectors), *inputs[1:]]
-
     def forward(*inputs, **static):
-        return kernel(*unpack(inputs), **static), inputs
+        return kernel(*inputs, **static), inputs
 
-    def vjp(saved, grad_outputs, needs, **static):
-        inputs = unpack(saved)
-        width = max(dr.width(c) for x in inputs for c in (x if isinstance(x, tuple) else (x,)))
+    def vjp(inputs, grad_outputs, needs, **static):
+        width = max(dr.width(x) for x in inputs)
         leaves = []
         for x, need in zip(inputs, needs):
-            if isinstance(x, tuple):
-                leaf = tuple(type(c)(c) for c in x)
-            else:
-                leaf = x + dr.zeros(type(x), width) if dr.width(x) == 1 else type(x)(x)
+            leaf = x + dr.zeros(type(x), width) if dr.width(x) == 1 else type(x)(x)
             if need:
                 dr.enable_grad(leaf)
             leaves.append(leaf)
-        outputs = kernel(*leaves, **static)
-        for output, grad in zip(outputs if isinstance(outputs, tuple) else (outputs,), grad_outputs):
-            for column, column_grad in (zip(output, grad) if isinstance(output, list) else [(output, grad)]):
-                if dr.grad_enabled(column):
-                    dr.set_grad(column, column_grad)
-                    dr.enqueue(dr.ADMode.Backward, column)
-        dr.traverse(dr.ADMode.Backward)
+        output = kernel(*leaves, **static)
+        if dr.grad_enabled(output):  # not when only parameters the process does not use need gradients
+            dr.set_grad(output, grad_outputs[0])
+            dr.enqueue(dr.ADMode.Backward, output)
+            dr.traverse(dr.ADMode.Backward)
         grads = []
         for x, leaf, need in zip(inputs, leaves, needs):
             if not need:
                 grads.append(None)
-            elif isinstance(leaf, tuple):
-                grads.append(_interleave_four_vectors([dr.grad(c) for c in leaf]))
             elif dr.width(x) == 1:
                 grads.append(_block_sums(dr.grad(leaf)))
             else:

@@ -133,7 +133,7 @@ def bench(cases, devices, precisions, max_threads, repeats, output, list_only):
         table.add_row(r["case"], r["device"], r["precision"], r["backend"], str(r["threads"] or "-"),
                       f"{r['rate']:.3g} {r['unit']}/s", ratio, str(memory), r["openmp"])
     # Wide enough for the case names when the output is not a terminal (rich would assume 80 columns).
-    Console(width=shutil.get_terminal_size((150, 24)).columns).print(table)
+    Console(width=shutil.get_terminal_size((180, 24)).columns).print(table)
     click.echo(f"wrote {json_path} and {png_path}")
 
 

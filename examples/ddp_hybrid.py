@@ -47,9 +47,23 @@ from hybrid_tracking import (Setup, make_physics, new_encoder, parameter_resolut
                              sigma_per_layer, simulate)
 
 
+# The handles of our gloo collectives, kept for the life of the process. Otherwise a gloo worker thread
+# may drop the last reference to a finished collective, and freeing it needs the GIL (its tensors are
+# Python objects); if that happens while the process group is being destroyed at exit, whose
+# destructor holds the GIL and waits for that thread, the process hangs (pytorch/pytorch#56297; the
+# DDP test hung this way in some runs). Kept here, they are freed by this thread after the process
+# group is gone. There are few of them: the warm start's, one loss reduction after training, the check's.
+_FINISHED_COLLECTIVES: list = []
+
+
+def _wait(work) -> None:
+    work.wait()
+    _FINISHED_COLLECTIVES.append(work)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    _wait(dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True))
     return total
 
 
@@ -134,8 +148,9 @@ def main(argv=None) -> None:
         loss = chi2_loss(ddp, data["measured"][mine], sigma)
         loss.backward()
         optimizer.step()
-        losses.append(float(all_reduce_sum(loss.detach()) / world))
+        losses.append(loss.detach())
     train_seconds = time.perf_counter() - start
+    losses = (all_reduce_sum(torch.stack(losses)) / world).tolist()  # mean over the processes, per step
     if rank == 0:
         with torch.no_grad():
             resolution = parameter_resolution(encoder(test["measured"]), test["truth"])
@@ -171,7 +186,7 @@ def check_gradients(args, ddp, model, data, sigma, rank: int, world: int) -> Non
         optimizer.step()
     flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
     gathered = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
+    _wait(dist.all_gather(gathered, flat, async_op=True))
     if rank == 0:
         result["max_parameter_difference_between_processes"] = max(float((g - gathered[0]).abs().max())
                                                                     for g in gathered)

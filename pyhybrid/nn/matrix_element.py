@@ -37,7 +37,7 @@ from torch import nn
 
 from pyhybrid.engine import check_tensor, kernel_function
 from pyhybrid.kernels import dual as dm
-from pyhybrid.kernels.backend import check_integer, types_of
+from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
 from pyhybrid.kernels.lorentz import FourVector
 from pyhybrid.kernels.matrix_elements import GEV2_TO_PB, get_process
@@ -142,8 +142,9 @@ def _raise_for_bad_momenta(vectors, proc, params, tolerance, pending) -> None:
         bad = below | unbalanced
         for residual in off_shell:
             bad = bad | ~(residual <= tolerance * s)
-        dr.eval(*pending, bad)  # one fused kernel with the matrix element
-        if not dr.any(bad)[0]:
+        failed = any_lane_flag(bad, type(s))
+        dr.eval(*pending, failed)  # one fused kernel with the matrix element
+        if failed[0] == 0:
             return
         i = int(dr.compress(bad)[0])
 

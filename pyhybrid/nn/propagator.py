@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import check_tensor, kernel_function, types_for
-from pyhybrid.kernels.backend import types_of
+from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
 from pyhybrid.kernels.material import MATERIALS, Material, SILICON
@@ -514,9 +514,7 @@ def _propagate(config: _Configuration, field: KernelField, seed, params, field_p
                                   thickness, config.options, jacobian=config.jacobian, covariance=initial_cov,
                                   seed=seed, field_gradient=config.field_gradient,
                                   layer_gradient=config.layer_gradient, n_tracks=n_tracks, capacity=capacity)
-    # 1.0 if some track was not propagated (see LayerHits.unusable): written by those lanes only.
-    unusable = dr.zeros(type(positions), 1)
-    dr.scatter(unusable, 1.0, dr.zeros(dr.uint32_array_t(type(positions)), 1), active=hits.unusable)
+    unusable = any_lane_flag(hits.unusable, type(positions))  # some track was not propagated
     outputs = [hits.free_rows, hits.local_rows, hits.path_rows, hits.valid_rows, unusable]
     if config.with_covariance:  # as columns (N lanes each)
         outputs.append([c for layer in hits.covariance for row in layer for c in row])

@@ -155,9 +155,10 @@ class _Owners:
     """
 
     def __init__(self, tensors, saved=None):
-        self.tensors = [t for t in tensors if t is not None]
+        # Memory [start, end) of the CPU tensors and of the arrays handed over so far (computed once:
+        # a gradient call hands over ~7 arrays and compares each with ~12 spans).
+        self._spans = [_span(t) for t in tensors if t is not None and t.device.type == "cpu" and t.numel()]
         self._saved = saved
-        self.handed: list[torch.Tensor] = []
 
     @functools.cached_property
     def saved_indices(self) -> set:
@@ -168,18 +169,20 @@ class _Owners:
 
     def hand_over(self, array) -> torch.Tensor:
         out = array.torch()
-        if out.device.type != "cpu" or array.index in self.saved_indices or any(
-                _overlap(out, t) for t in self.tensors + self.handed):
-            out = out.clone()
-        self.handed.append(out)
+        if out.device.type != "cpu" or array.index in self.saved_indices:
+            return out.clone()
+        if out.numel():
+            start, end = _span(out)
+            if any(start < other_end and other_start < end for other_start, other_end in self._spans):
+                out = out.clone()
+            else:
+                self._spans.append((start, end))
         return out
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-    a_start, b_start = a.data_ptr(), b.data_ptr()
-    return a_start < b_start + b.numel() * b.element_size() and b_start < a_start + a.numel() * a.element_size()
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
 
 
 # ---------------------------------------------------------------- autograd bridge

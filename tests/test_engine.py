@@ -189,11 +189,20 @@ def _vjp_from_saved_output(saved, grad_outputs, needs):
     return (saved,)  # the same Dr.Jit array on every backward call
 
 
+def _twice(x):
+    y = x * 2.0
+    return y, y
+
+
 def test_results_handed_to_torch_never_share_memory_in_use():
     x = torch.arange(4.0, dtype=torch.float64)
     out = engine.kernel_function(_identity)(x)
     out += 1.0  # must not write into the input
     assert x.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+    first, second = engine.kernel_function(_twice)(x)
+    first += 1.0  # the same array handed over twice: the second is a copy
+    assert second.tolist() == [0.0, 2.0, 4.0, 6.0] and first.tolist() == [1.0, 3.0, 5.0, 7.0]
 
     keep = engine.kernel_function(_keep_output, vjp=_vjp_from_saved_output)
     x = torch.arange(4.0, dtype=torch.float64, requires_grad=True)

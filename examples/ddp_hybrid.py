@@ -113,6 +113,8 @@ def main(argv=None) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
     if args.tracks % world or args.batch % world:
         raise SystemExit(f"--tracks ({args.tracks}) and --batch ({args.batch}) must be multiples of the "
                          f"number of processes ({world})")
@@ -156,7 +158,8 @@ def main(argv=None) -> None:
             resolution = parameter_resolution(encoder(test["measured"]), test["truth"])
         print(f"{world} processes, {args.tracks} tracks, global batch {args.batch}: warm start {warm_seconds:.1f} s, "
               f"{args.steps} DDP steps in {train_seconds:.1f} s ({train_seconds / args.steps * 1e3:.0f} ms/step)")
-        shown = losses[:: max(1, len(losses) // 6)] + [losses[-1]]
+        every = max(1, len(losses) // 6)
+        shown = losses[::every] + ([losses[-1]] if (len(losses) - 1) % every else [])
         print("chi2 per measurement (global batch): " + " -> ".join(f"{x:.3g}" for x in shown))
         for label, values in (("after the warm start", warm_resolution), ("after DDP training", resolution)):
             print(f"test resolution (sigma68) {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items())

@@ -359,6 +359,13 @@ def test_rejects_non_finite_momenta_and_bad_shapes():
     momenta[1, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="event 1"):
         MatrixElement("ee_mumu").double()(momenta)
+    for particle in range(4):  # an infinity in any component of any particle
+        for component in range(4):
+            for sign in (1.0, -1.0):
+                momenta = _momenta("ee_mumu", 4)
+                momenta[2, particle, component] = sign * float("inf")
+                with pytest.raises(ValueError, match="event 2"):
+                    MatrixElement("ee_mumu").double()(momenta)
     with pytest.raises(ValueError, match=r"momenta must have shape \(\*, 4, 4\)"):
         MatrixElement("ee_mumu").double()(torch.zeros(4, 5, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="momenta must be a torch.Tensor"):

@@ -129,15 +129,16 @@ def _raise_for_bad_momenta(vectors, proc, params, tolerance, pending) -> None:
     naming the first event below threshold, off-shell or not conserving momentum.
 
     Bounds: sqrt(s) > sum of outgoing masses; max |sum p_in - sum p_out| <= tol sqrt(s);
-    |p_i^2 - m_i^2| <= tol s. Written without divisions or square roots (they
-    would cost more than the matrix element); NaN fails every comparison.
+    |p_i^2 - m_i^2| <= tol s, and s finite. Written without divisions or square roots (they
+    would cost more than the matrix element); NaN fails every comparison. An infinite component
+    makes s infinite (or NaN), or, in an outgoing particle only, the conservation residual.
     """
     with dr.suspend_grad():
         outgoing = proc.outgoing_masses(params)
         masses = [0.0, 0.0] + outgoing
         threshold = sum(outgoing, 0.0)
         s, conservation, off_shell = kinematic_residuals(vectors, masses)
-        below = ~(s > threshold * threshold)
+        below = ~((s > threshold * threshold) & (s < math.inf))
         unbalanced = ~(conservation * conservation <= (tolerance * tolerance) * s)
         bad = below | unbalanced
         for residual in off_shell:

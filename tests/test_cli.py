@@ -26,6 +26,33 @@ def test_every_run_kernel_has_a_command():
             assert option in result.output, (name, option)
 
 
+@pytest.mark.parametrize("kernel", sorted(RUN_COMMANDS))
+def test_run_refuses_to_replace_an_existing_file_without_overwrite(tmp_path, kernel):
+    """An earlier run's file survives a second run with the same -o (it fails before any kernel runs)."""
+    earlier = tmp_path / "earlier.h5"
+    earlier.write_bytes(b"events of an earlier run")
+    result = CliRunner().invoke(main, ["run", kernel, "-o", str(earlier)])
+    assert result.exit_code == 2 and "exists; pass --overwrite" in result.output, result.output
+    assert earlier.read_bytes() == b"events of an earlier run"
+
+
+def test_run_me_refuses_an_existing_lhe_file_and_overwrite_replaces_files(tmp_path):
+    lhe = tmp_path / "earlier.lhe"
+    lhe.write_text("earlier")
+    options = ["run", "me", "--events", "50", "--points", "2000", "--adapt", "1", "--iterations", "1",
+               "-o", str(tmp_path / "new.h5"), "--lhe", str(lhe)]
+    result = CliRunner().invoke(main, options)
+    assert result.exit_code == 2 and "--lhe" in result.output and "exists" in result.output, result.output
+    assert lhe.read_text() == "earlier" and not (tmp_path / "new.h5").exists()
+    result = CliRunner().invoke(main, [*options, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert lhe.read_text().startswith("<LesHouchesEvents")
+    # --events 0 writes no file, so an existing one is no obstacle
+    result = CliRunner().invoke(main, ["run", "me", "--events", "0", "--points", "2000", "--adapt", "1",
+                                       "--iterations", "1", "-o", str(tmp_path / "new.h5")])
+    assert result.exit_code == 0, result.output
+
+
 def test_run_commands_do_not_import_torch():
     code = ("import sys, importlib\n"
             f"for name in {sorted(RUN_COMMANDS)!r}:\n"

@@ -19,7 +19,7 @@ import math
 import click
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, finite, output_option, seed_option
+from pyhybrid.commands.common import batch_seed, finite, output_option, refuse_existing, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels import calorimeter as kernel
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
@@ -63,11 +63,12 @@ __all__ = ["command"]
 @output_option("calorimeter.h5")
 def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, active, absorber_thickness,
             active_thickness, n_layers, layers_per_segment, n_cells, cell_size, noise, quadrature_points,
-            batch_size, device, precision, seed, output):
+            batch_size, device, precision, seed, output, overwrite):
     """Electromagnetic showers (GFLASH) in a sampling calorimeter -> cell energies (HDF5).
 
     Cells (segment, x, y) hold visible energy [GeV] with Gaussian sampling fluctuations: nearly
     empty cells can be slightly negative (also without noise); sums over cells are unbiased."""
+    refuse_existing(overwrite, output=output)
     if energy is not None:
         energy_min = energy_max = energy
     if not energy_min <= energy_max:
@@ -104,7 +105,7 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
     fixed = {"cells": (shape, dtype), "energy": ((), dtype), "impact": ((2,), dtype)}
     metadata = {"parameters": parameters, "seed": seed, "generator": "pyhybrid run calorimeter"}
 
-    with EventWriter(output, fixed=fixed, metadata=metadata) as writer, \
+    with EventWriter(output, fixed=fixed, metadata=metadata, overwrite=overwrite) as writer, \
             progress_bar(n_events, "showers") as advance:
         for batch, start in enumerate(range(0, n_events, batch_size)):
             n = min(batch_size, n_events - start)

@@ -46,9 +46,24 @@ def writable_location(ctx, param, path: str | None) -> str | None:
 
 
 def output_option(default: str, help: str = "HDF5 event file."):
-    """``-o/--output``: the HDF5 file a command writes (its directory must exist)."""
-    return click.option("-o", "--output", type=click.Path(dir_okay=False), default=default, show_default=True,
-                        callback=writable_location, help=help)
+    """``-o/--output``: the HDF5 file a command writes (its directory must exist), and ``--overwrite``."""
+    output = click.option("-o", "--output", type=click.Path(dir_okay=False), default=default, show_default=True,
+                          callback=writable_location, help=help)
+    overwrite = click.option("--overwrite", is_flag=True,
+                             help="Replace existing output files (default: refuse, so that no earlier run is lost).")
+    return lambda command: output(overwrite(command))
+
+
+def refuse_existing(overwrite: bool, **paths: str | None) -> None:
+    """Fail (before any kernel runs) if an output file exists and ``--overwrite`` was not given.
+
+    ``paths``: option name (``output``, ``lhe``) -> path or None."""
+    if overwrite:
+        return
+    for option, path in paths.items():
+        if path is not None and os.path.exists(path):
+            raise click.BadParameter(f"{path!r} exists; pass --overwrite to replace it",
+                                     param_hint="-o/--output" if option == "output" else f"--{option}")
 
 
 def seed_option(default: int = 0):

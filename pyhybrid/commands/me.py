@@ -20,7 +20,7 @@ import os
 import click
 import numpy as np
 
-from pyhybrid.commands.common import finite, output_option, seed_option, writable_location
+from pyhybrid.commands.common import finite, output_option, refuse_existing, seed_option, writable_location
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.electroweak import DEFAULTS, GF, SMParameters, alpha_from_gf
 from pyhybrid.kernels.hard_process import MAPPINGS, HardProcess
@@ -131,7 +131,7 @@ POSITIVE = finite(min=0, min_open=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
 @seed_option()
-def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha, gf, sin2_theta_w, alpha_s,
+def command(process, flavour, sqrt_s, n_events, output, overwrite, lhe, mz, gamma_z, alpha, gf, sin2_theta_w, alpha_s,
             top_mass, y_cut, mapping, n_points, adapt_iterations, iterations, device, precision, seed):
     """LO cross section (VEGAS, with MC error) and unweighted events of one process at fixed sqrt(s)."""
     from pyhybrid.io import EventWriter
@@ -143,6 +143,8 @@ def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha,
         raise click.BadParameter("an LHE file needs events (--events > 0)", param_hint="--lhe")
     if lhe is not None and os.path.abspath(lhe) == os.path.abspath(output):
         raise click.BadParameter("the LHE file must differ from the HDF5 output (-o)", param_hint="--lhe")
+    if n_events > 0:  # (no file is written for the cross section alone)
+        refuse_existing(overwrite, output=output, lhe=lhe)
     if gf is not None:
         alpha = alpha_from_gf(gf, mz, sin2_theta_w)
     params = SMParameters(mz=mz, gamma_z=gamma_z, alpha=DEFAULTS.alpha if alpha is None else alpha,
@@ -180,7 +182,7 @@ def command(process, flavour, sqrt_s, n_events, output, lhe, mz, gamma_z, alpha,
              "colour": ((n_particles, 2), np.int32)}
     n_trials = n_overweight = 0
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(EventWriter(output, fixed=fixed, metadata=metadata))
+        writer = stack.enter_context(EventWriter(output, fixed=fixed, metadata=metadata, overwrite=overwrite))
         lhe_writer = None if lhe is None else stack.enter_context(LHEWriter(
             lhe, beams=hard.process.pdg_ids(hard.flavour)[:2], masses=[0.0, 0.0] + hard.process.outgoing_masses(params),
             sqrt_s=sqrt_s, cross_section=result.integral,

@@ -21,7 +21,7 @@ import click
 import drjit as dr
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, finite, output_option, seed_option
+from pyhybrid.commands.common import batch_seed, finite, output_option, refuse_existing, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.fields import SolenoidField, UniformField
@@ -86,8 +86,9 @@ def _floats(text: str, name: str) -> list[float]:
 @output_option("hits.h5")
 def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, stepper, step_size, tolerance, radii,
             half_length, disks, disk_rmin, disk_rmax, thickness, material, particle, pt_min, pt_max, eta_max,
-            scattering, energy_loss, batch_size, device, precision, seed, output):
+            scattering, energy_loss, batch_size, device, precision, seed, output, overwrite):
     """Propagate charged tracks through a field and detector layers; write hits to HDF5."""
+    refuse_existing(overwrite, output=output)
     if pt_min > pt_max:
         raise click.BadParameter(f"--pt-min ({pt_min}) must not exceed --pt-max ({pt_max})", param_hint="--pt-min")
     if disk_rmin >= disk_rmax:
@@ -141,7 +142,7 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
                   "layer_order": "barrel radii (increasing), then disks at +z, then disks at -z (increasing |z|)"}
     metadata = {"parameters": parameters, "seed": seed, "generator": "pyhybrid run propagate",
                 "units": {"local_disk_phi": "rad"}}
-    with EventWriter(output, fixed=fixed, metadata=metadata) as writer, \
+    with EventWriter(output, fixed=fixed, metadata=metadata, overwrite=overwrite) as writer, \
             progress_bar(tracks, "propagating tracks") as advance:
         for batch, start in enumerate(range(0, tracks, batch_size)):
             n = min(batch_size, tracks - start)

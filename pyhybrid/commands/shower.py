@@ -15,7 +15,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, finite, output_option, seed_option
+from pyhybrid.commands.common import batch_seed, finite, output_option, refuse_existing, seed_option
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.shower import ShowerSettings
 
@@ -40,8 +40,9 @@ SHAPES = ("y23", "y34", "y45", "y56", "thrust")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
 @seed_option()
-def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, output, device, precision, seed):
+def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, output, overwrite, device, precision, seed):
     """Shower e+e- -> q qbar events and write their parton lists (and event shapes)."""
+    refuse_existing(overwrite, output=output)
     from pyhybrid.io import EventWriter
     from pyhybrid.kernels.observables import event_shapes
     from pyhybrid.kernels.shower import run_shower
@@ -61,7 +62,7 @@ def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, ou
                   "precision": precision, "device": device, "batch": batch}
     metadata = {"parameters": parameters, "seed": seed, "generator": "pyhybrid run shower",
                 "units": {"t0": "GeV^2"}}
-    with EventWriter(output, fixed=fixed, jagged=jagged, metadata=metadata) as writer, \
+    with EventWriter(output, fixed=fixed, jagged=jagged, metadata=metadata, overwrite=overwrite) as writer, \
             progress_bar(n_events, "showering") as advance:
         done, batch_index = 0, 0
         while done < n_events:

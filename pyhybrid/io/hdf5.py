@@ -104,7 +104,7 @@ class EventWriter:
         self.n_events = 0
         # Serialised before the file is opened: bad metadata must not truncate an existing file.
         attributes = _metadata_attributes(dict(metadata or {}))
-        self._file = h5py.File(self.path, "w", libver="latest")
+        self._file = h5py.File(self.path, "w" if overwrite else "w-", libver="latest")
         self._file.attrs.update(attributes)
         options = {"compression": compression} if compression else {}
         self._file.create_dataset("n_events", data=np.zeros(1, np.int64))

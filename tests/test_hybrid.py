@@ -159,6 +159,15 @@ def test_component_modes_and_errors():
         assert not torch.equal(sampled(p, seed=3), sampled(p, seed=4))
     with pytest.raises(ValueError, match="mode must be one of"):
         component.mode = "both"
+    # the mode is saved and restored with the state_dict (a checkpoint of a surrogate-mode model stays one)
+    restored = Component(physics=physics(), surrogate=Surrogate((5,), (len(RADII), 2)).double(),
+                         correction=small_correction())
+    restored.load_state_dict(component.use("surrogate").state_dict())
+    assert restored.mode == "surrogate"
+    with torch.no_grad():
+        torch.testing.assert_close(restored(p), surrogate(p), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="needs physics and correction"):
+        Component(surrogate=surrogate).load_state_dict({**component.use("residual").state_dict()}, strict=False)
     with pytest.raises(ValueError, match="needs surrogate"):
         Component(physics=hits_of).use("surrogate")
     with pytest.raises(ValueError, match="needs physics and correction"):

@@ -329,7 +329,8 @@ class Component(nn.Module):
     :class:`PerigeeHits`: layers a track misses), the correction is applied to the valid entries
     only, so that missed layers stay zero.
     Switch at any time with ``component.mode = "surrogate"`` (or :meth:`use`);
-    a mode whose modules are missing raises a ValueError naming them. Parameters
+    a mode whose modules are missing raises a ValueError naming them. The mode is part of the
+    ``state_dict`` (``load_state_dict`` restores it). Parameters
     of all held modules are registered, so an optimizer built once sees them all;
     freeze a part with ``component.physics.requires_grad_(False)``.
     """
@@ -376,6 +377,13 @@ class Component(nn.Module):
         if isinstance(valid, torch.Tensor) and valid.dim() > 0 and valid.shape == y.shape[:valid.dim()]:
             delta = delta * valid.reshape(*valid.shape, *(1,) * (y.dim() - valid.dim())).to(delta.dtype)
         return y + delta
+
+    def get_extra_state(self) -> dict:
+        """The mode travels with the state_dict: a checkpoint restores the model it was saved from."""
+        return {"mode": self._mode}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.mode = state["mode"]
 
     def extra_repr(self) -> str:
         return f"mode={self._mode!r}"

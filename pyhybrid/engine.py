@@ -5,9 +5,10 @@
 * Zero-copy conversion: :func:`to_drjit` wraps a contiguous torch tensor's
   memory as a flat Dr.Jit array (DLPack), :func:`to_torch` does the reverse.
 * :func:`kernel_function` turns a Dr.Jit kernel into a differentiable torch
-  callable (a ``torch.autograd.Function``, differentiable once: a backward pass
-  with ``create_graph=True`` raises instead of dropping second-order terms; under
-  ``torch.compile`` a call is a graph break). The vector-Jacobian product comes
+  callable (a ``torch.autograd.Function``, differentiable once: differentiating a
+  gradient taken with ``create_graph=True`` raises instead of dropping second-order
+  terms; ``torch.func.grad``, ``vjp`` and ``jacrev`` work, ``vmap`` over the inputs does
+  not; under ``torch.compile`` a call is a graph break). The vector-Jacobian product comes
   either from Dr.Jit's reverse-mode AD (the forward is re-run under AD in the
   backward pass, so no graph is kept alive between passes and repeated backward
   calls are exact) or from an adjoint/Jacobian the kernel supplies.
@@ -242,35 +243,83 @@ def _run_forward(call: _Call, tensors):
 
 
 class _KernelFunction(torch.autograd.Function):
+    """A kernel call in the torch graph (forward and ``setup_context`` separate, as torch.func needs)."""
+
     @staticmethod
-    def forward(ctx, call: _Call, *tensors):
-        results = _run_forward(call, tensors)
+    def forward(call: _Call, *tensors):
+        return _run_forward(call, tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        call, *tensors = inputs
         ctx.call = call
         ctx.save_for_backward(*tensors)
-        return results
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        if torch.is_grad_enabled():
-            # ``once_differentiable`` is not enough: its error node is pruned when
-            # ``torch.autograd.grad(..., inputs)`` does not need it, and the kernel's part of a
-            # second derivative would silently be missing (zero).
-            raise RuntimeError("pyhybrid kernels are differentiable once: higher-order gradients "
-                               "(backward or autograd.grad with create_graph=True) are not supported")
-        call: _Call = ctx.call
-        _new_scope(call.types)
         tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
-        grads_out = tuple(_grad_output(g, call.types) for g in grad_outputs)
-        if call.vjp is not None:
-            grads_in = call.vjp(call.saved, grads_out, needs, **call.static)
+        if torch.is_grad_enabled():
+            # A backward pass that is itself differentiated (create_graph=True, torch.func.grad/vjp/jacrev):
+            # the gradients come out of a node of their own whose derivative raises. It depends on
+            # the inputs and the incoming gradients, so torch cannot prune it from a second derivative
+            # (as it prunes ``once_differentiable``'s error node from autograd.grad(..., inputs)).
+            grads = iter(_KernelGradient.apply(ctx.call, needs, len(tensors), *tensors, *grad_outputs))
         else:
-            grads_in = _reverse_ad(call, tensors, grads_out, needs)
-        owners = _Owners([*tensors, *grad_outputs], call.saved)
-        result = [None]
-        for g, t, need in zip(grads_in, tensors, needs):
-            result.append(_grad_tensor(g, t, owners) if need and g is not None else None)
-        return tuple(result)
+            grads = iter(_kernel_gradients(ctx.call, tensors, grad_outputs, needs))
+        return (None, *(next(grads) if need else None for need in needs))
+
+    @staticmethod
+    def vmap(info, in_dims, call, *tensors):
+        raise NotImplementedError("torch.func.vmap over a pyhybrid kernel is not supported: kernels are "
+                                  "batched already (one lane per track or event), pass the batch as N")
+
+
+class _KernelGradient(torch.autograd.Function):
+    """The backward pass of :class:`_KernelFunction` when it is recorded in a graph: differentiating
+    it raises (the kernels are differentiable once). ``torch.func.vmap`` over it (``jacrev``) runs
+    the VJP once per cotangent."""
+
+    @staticmethod
+    def forward(call: _Call, needs, n_tensors: int, *tensors_and_grads):
+        tensors, grad_outputs = tensors_and_grads[:n_tensors], tensors_and_grads[n_tensors:]
+        grads = _kernel_gradients(call, tensors, grad_outputs, needs)
+        needed = [t for t, need in zip(tensors, needs) if need]
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, needed))  # tensors only
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("pyhybrid kernels are differentiable once: higher-order gradients (a derivative "
+                           "of a gradient taken with create_graph=True or a torch.func transform) are not supported")
+
+    @staticmethod
+    def vmap(info, in_dims, call, needs, n_tensors, *tensors_and_grads):
+        if any(dim is not None for dim in in_dims[3:3 + n_tensors]):
+            raise NotImplementedError("torch.func.vmap over a pyhybrid kernel's inputs is not supported")
+        grad_dims = in_dims[3 + n_tensors:]
+        per_cotangent = [
+            _KernelGradient.forward(call, needs, n_tensors, *tensors_and_grads[:n_tensors],
+                                    *(g if dim is None else g.select(dim, b)
+                                      for g, dim in zip(tensors_and_grads[n_tensors:], grad_dims)))
+            for b in range(info.batch_size)]
+        return tuple(torch.stack(grads) for grads in zip(*per_cotangent)), 0
+
+
+def _kernel_gradients(call: _Call, tensors, grad_outputs, needs) -> tuple:
+    """The gradients of the inputs that ``needs``: one tensor (or None: zero) per needed input."""
+    _new_scope(call.types)
+    grads_out = tuple(_grad_output(g, call.types) for g in grad_outputs)
+    if call.vjp is not None:
+        grads_in = call.vjp(call.saved, grads_out, needs, **call.static)
+    else:
+        grads_in = _reverse_ad(call, tensors, grads_out, needs)
+    owners = _Owners([*tensors, *grad_outputs], call.saved)
+    return tuple(None if g is None else _grad_tensor(g, t, owners) for g, t, need in zip(grads_in, tensors, needs)
+                 if need)
 
 
 def _grad_output(g: torch.Tensor, types: KernelTypes):
@@ -373,7 +422,9 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
             if t.device != first.device:
                 raise ValueError(f"input {i} is on {t.device}, input 0 on {first.device}")
         call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype))
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # torch.func transforms (whose wrapped tensors Dr.Jit cannot read) go through the Function's rules.
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
+                torch._C._are_functorch_transforms_active():
             return _KernelFunction.apply(call, *tensors)
         # Nothing to differentiate: the kernel without torch.autograd.Function's bookkeeping
         # (0.05-0.15 ms a call, ~10 % of a 4096-event matrix-element forward on 2 cores).

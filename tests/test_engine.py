@@ -104,15 +104,41 @@ def test_inputs_without_grad_and_repeated_backward():
 
 @pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])
 def test_second_derivatives_raise_instead_of_missing_the_kernels_part(fn):
-    """A gradient taken with create_graph=True must not silently leave out the kernel's second-order
-    terms (torch prunes once_differentiable's error node from autograd.grad(..., inputs))."""
+    """A gradient taken with create_graph=True is the plain gradient; differentiating it must not
+    silently leave out the kernel's second-order terms (torch prunes once_differentiable's error
+    node from autograd.grad(..., inputs)): it raises."""
     state, omega, damping = _inputs()
+    plain = torch.autograd.grad(fn(state, omega, damping).pow(2).sum(), state)[0]
     loss = fn(state, omega, damping).pow(2).sum() + state.pow(3).sum()
+    (graph,) = torch.autograd.grad(loss, state, create_graph=True)
+    torch.testing.assert_close(graph, plain + 3 * state.detach() ** 2)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(loss, state, create_graph=True)
+        torch.autograd.grad(graph.sum(), state)
     loss = fn(state, omega, damping).sum()  # linear in the output: the incoming gradient is a constant
+    (graph,) = torch.autograd.grad(loss, state, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.autograd.grad(loss, state, create_graph=True)
+        torch.autograd.grad(graph.sum(), (omega, damping))
+    with pytest.raises(RuntimeError, match="differentiable once"):  # the same through torch.func
+        torch.func.grad(lambda s: torch.func.grad(lambda t: fn(t, omega, damping).sum())(s).sum())(state)
+
+
+@pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])
+def test_torch_func_grad_vjp_and_jacrev_match_autograd(fn):
+    state, omega, damping = (t.detach() for t in _inputs())
+    expected = torch.autograd.functional.jacobian(fn, (state, omega, damping))  # (N, 2) output
+    jacobians = torch.func.jacrev(fn, argnums=(0, 1, 2))(state, omega, damping)
+    for got, want in zip(jacobians, expected):
+        torch.testing.assert_close(got, want)
+    weights = torch.randn(len(state), 2, dtype=state.dtype)
+    grads = torch.func.grad(lambda *x: (fn(*x) * weights).sum(), argnums=(0, 1, 2))(state, omega, damping)
+    value, pullback = torch.func.vjp(fn, state, omega, damping)
+    torch.testing.assert_close(value, fn(state, omega, damping))
+    for got, pulled, want in zip(grads, pullback(weights), expected):
+        reduced = (want * weights.reshape(*weights.shape, *(1,) * (want.dim() - 2))).sum((0, 1))
+        torch.testing.assert_close(got, reduced)
+        torch.testing.assert_close(pulled, reduced)
+    with pytest.raises(NotImplementedError, match="batched already"):
+        torch.func.vmap(fn, in_dims=(0, None, None))(state[None], omega, damping)
 
 
 def test_torch_compile_runs_the_kernel_eagerly_with_the_same_values_and_gradients():

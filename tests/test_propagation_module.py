@@ -95,6 +95,22 @@ def test_gradients_flow_to_a_network_and_repeated_backward_accumulates(propagato
     assert propagator.positions.grad is None            # not trainable by default
 
 
+def test_torch_func_jacrev_and_functional_grad_match_autograd(propagator):
+    """torch.func on the module: jacrev of the hits (one VJP per output entry) and grad over the
+    module's parameters through functional_call, against torch.autograd."""
+    params = _params(4)
+    hits = lambda p: propagator(p).local  # noqa: E731
+    torch.testing.assert_close(torch.func.jacrev(hits)(params), torch.autograd.functional.jacobian(hits, params))
+    module_parameters = {name: p.detach() for name, p in propagator.named_parameters()}
+    loss = lambda ps: torch.func.functional_call(propagator, ps, (params,)).local.square().sum()  # noqa: E731
+    grads = torch.func.grad(loss)(module_parameters)
+    leaves = {name: p.clone().requires_grad_() for name, p in module_parameters.items()}
+    expected = torch.autograd.grad(loss(leaves), list(leaves.values()))
+    assert any(g.abs().sum() > 0 for g in expected)
+    for name, want in zip(leaves, expected):
+        torch.testing.assert_close(grads[name], want)
+
+
 def test_unusable_tracks_are_found_by_the_kernel_in_recorded_and_replayed_calls():
     """The finite / direction checks run inside the (frozen) kernel: a bad track raises in the call
     that records the kernels and in later replays, with or without gradients; good batches of the same

@@ -27,11 +27,12 @@ from typing import Any, Callable, Sequence
 
 import drjit as dr
 import torch
+from torch.autograd import forward_ad
 
 from pyhybrid.kernels.backend import KernelTypes, check_integer, cuda_available, kernel_types, llvm_version
 
 __all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
-           "to_drjit", "to_torch", "kernel_function"]
+           "empty_batch", "to_drjit", "to_torch", "kernel_function"]
 
 _DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -48,12 +49,16 @@ def get_threads() -> int:
     return dr.thread_count()
 
 
-def types_for(device: str | torch.device, dtype: torch.dtype) -> KernelTypes:
-    """Dr.Jit types for a torch device and dtype (float32 or float64)."""
-    device = torch.device(device).type
+def types_for(device: str | torch.device, dtype: torch.dtype, name: str = "tensor") -> KernelTypes:
+    """Dr.Jit types for a torch device and dtype (float32 or float64) of the argument ``name``."""
+    device = torch.device(device)
     if dtype not in _DTYPE_TO_PRECISION:
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return kernel_types(device, _DTYPE_TO_PRECISION[dtype])
+        raise TypeError(f"{name} must have dtype torch.float32 or torch.float64, got {dtype}")
+    if device.type == "cuda" and device.index not in (None, 0):
+        # Dr.Jit's CUDA backend runs on the first visible GPU; a kernel there cannot use another GPU's memory.
+        raise ValueError(f"{name} is on {device}, but Dr.Jit runs on cuda:0: run one process per GPU with "
+                         "CUDA_VISIBLE_DEVICES=<its GPU> (then its tensors are on cuda:0)")
+    return kernel_types(device.type, _DTYPE_TO_PRECISION[dtype])
 
 
 # ---------------------------------------------------------------- validation
@@ -98,6 +103,15 @@ def _all_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
 
 
+def empty_batch(shape: Sequence[int], *inputs: torch.Tensor) -> torch.Tensor:
+    """The output of shape ``shape`` (batch size 0) for an empty batch, without a kernel call: in the
+    autograd graph of ``inputs`` (zero gradients), so that a selection that kept no event trains like
+    any other batch (a data-parallel run sees every parameter used)."""
+    first = inputs[0]
+    anchor = sum((t.sum() * 0.0 for t in inputs if t.requires_grad), first.new_zeros(()))
+    return first.new_zeros(tuple(shape)) + anchor
+
+
 # ---------------------------------------------------------------- conversion
 
 
@@ -108,7 +122,9 @@ def to_drjit(tensor: torch.Tensor, name: str = "tensor"):
     backend, cuda -> CUDA backend. Returns the AD-capable ``Float`` type of
     the matching precision.
     """
-    types = types_for(tensor.device, tensor.dtype)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    types = types_for(tensor.device, tensor.dtype, name)
     flat = tensor.detach().reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -274,6 +290,11 @@ class _KernelFunction(torch.autograd.Function):
         raise NotImplementedError("torch.func.vmap over a pyhybrid kernel is not supported: kernels are "
                                   "batched already (one lane per track or event), pass the batch as N")
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd) through "
+                                  "pyhybrid kernels is not supported: use reverse mode (backward, torch.func.vjp / jacrev)")
+
 
 class _KernelGradient(torch.autograd.Function):
     """The backward pass of :class:`_KernelFunction` when it is recorded in a graph: differentiating
@@ -422,9 +443,10 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
             if t.device != first.device:
                 raise ValueError(f"input {i} is on {t.device}, input 0 on {first.device}")
         call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype))
-        # torch.func transforms (whose wrapped tensors Dr.Jit cannot read) go through the Function's rules.
+        # torch.func transforms (whose wrapped tensors Dr.Jit cannot read) and forward-mode dual tensors
+        # go through the Function's rules (the latter to its error, not to a result without tangents).
         if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \
-                torch._C._are_functorch_transforms_active():
+                torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
             return _KernelFunction.apply(call, *tensors)
         # Nothing to differentiate: the kernel without torch.autograd.Function's bookkeeping
         # (0.05-0.15 ms a call, ~10 % of a 4096-event matrix-element forward on 2 cores).

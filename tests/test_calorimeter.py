@@ -304,3 +304,13 @@ def test_cuda_matches_cpu():
     energy = energy.cuda().requires_grad_()
     calo(energy, seed=1).sum().backward()
     assert torch.isfinite(energy.grad).all() and energy.grad.device.type == "cuda"
+
+
+def test_empty_batch_gives_empty_cells_with_zero_gradients():
+    calo = deep_calorimeter()
+    energy = torch.zeros(0, dtype=F64, requires_grad=True)
+    for cells in (calo(energy, seed=1), calo.expected_cells(energy)):
+        assert cells.shape == (0, 13, 3, 3)
+        cells.sum().backward()
+    assert energy.grad.shape == (0,)
+    assert all(p.grad is not None and p.grad == 0 for p in calo.parameters())

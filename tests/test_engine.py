@@ -251,6 +251,27 @@ def test_bad_inputs_name_the_problem():
         engine.check_tensor(torch.zeros(4, 2), "x", shape=(None, 3))
     with pytest.raises(ValueError, match="qop contains NaN"):
         engine.check_tensor(torch.tensor([1.0, float("nan")]), "qop")
+    with pytest.raises(TypeError, match="hits must have dtype torch.float32 or torch.float64, got torch.int64"):
+        engine.to_drjit(torch.zeros(3, dtype=torch.int64), "hits")
+    with pytest.raises(TypeError, match="hits must be a torch.Tensor, got list"):
+        engine.to_drjit([1.0], "hits")
+    # Dr.Jit runs on the first visible GPU: another GPU's tensors are refused before any kernel runs
+    with pytest.raises(ValueError, match="hits is on cuda:1, but Dr.Jit runs on cuda:0.*CUDA_VISIBLE_DEVICES"):
+        engine.types_for("cuda:1", torch.float32, "hits")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's make_dual uses it
+@pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(fn):
+    import torch.autograd.forward_ad as fwAD
+
+    state, omega, damping = (t.detach() for t in _inputs())
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fn(fwAD.make_dual(state, torch.ones_like(state)), omega, damping)
+        torch.testing.assert_close(fn(state, omega, damping), reverse_fn(state, omega, damping))  # no tangents
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda s: fn(s, omega, damping), (state,), (torch.ones_like(state),))
 
 
 @pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]])

@@ -115,6 +115,13 @@ def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
     for bad in ({"format_version": 7}, {"created": "yesterday"}, {"seed": -7}):
         with pytest.raises(ValueError, match="written by EventWriter|seed must be >= 0"):
             EventWriter(kept, fixed=FIXED, metadata=bad)
+    for bad, error, message in (({"fixed": {"x": ((3,), "notadtype")}}, TypeError, "'notadtype' is not a numpy dtype"),
+                                ({"fixed": {"x": ((3,), "U8")}}, TypeError, "real number or bool"),
+                                ({"fixed": {"x": ((-3,), "f8")}}, ValueError, "non-negative integers"),
+                                ({"jagged": {"e": object}}, TypeError, "real number or bool"),
+                                ({"fixed": FIXED, "compression": "bogus"}, ValueError, "compression must be")):
+        with pytest.raises(error, match=message):
+            EventWriter(kept, **bad)
     assert read_events(kept).n_events == 2
 
 
@@ -133,6 +140,32 @@ def test_reader_names_layout_errors(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(LayoutError, match="not a readable HDF5 file"):
         read_events(tmp_path / "text.h5")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_events(tmp_path / "missing.h5")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f.__delitem__("n_events"), f.create_group("n_events")), "missing dataset /n_events"),
+    (lambda f: f["n_events"].__setitem__(0, -3), "/n_events must hold one integer >= 0"),
+    (lambda f: (f.__delitem__("n_events"), f.create_dataset("n_events", data=np.zeros(0, np.int64))),
+     "/n_events must hold one integer"),
+    (lambda f: f.attrs.__setitem__("units", "{not json"), "attribute 'units' is not JSON"),
+    (lambda f: f.attrs.__setitem__("seed", "seven"), "'seed' and 'format_version' must be integers"),
+    (lambda f: (f.__delitem__("fixed/momentum"), f.create_dataset("fixed/momentum", data=1.0)),
+     "/fixed/momentum must be a dataset with one row per event"),
+    (lambda f: (f.__delitem__("jagged/pdg/offsets"), f.create_group("jagged/pdg/offsets")),
+     "missing /jagged/pdg/offsets"),
+    (lambda f: (f.__delitem__("jagged/pdg/offsets"), f.create_dataset("jagged/pdg/offsets", data=[0.0, 1.0, 2.0])),
+     "offsets must be integers"),
+])
+def test_reader_turns_damaged_files_into_layout_errors(tmp_path, damage, message):
+    path = tmp_path / "damaged.h5"
+    with EventWriter(path, fixed=FIXED, jagged=JAGGED) as writer:
+        writer.append(2, *_batch(np.random.default_rng(3), 2))
+    with h5py.File(path, "a") as f:
+        damage(f)
+    with pytest.raises(LayoutError, match=message):
+        read_events(path)
 
 
 WRITER_SCRIPT = """

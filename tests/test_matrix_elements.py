@@ -370,10 +370,6 @@ def test_rejects_non_finite_momenta_and_bad_shapes():
         MatrixElement("ee_mumu").double()(torch.zeros(4, 5, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="momenta must be a torch.Tensor"):
         MatrixElement("ee_mumu")(np.zeros((4, 4, 4)))
-    with pytest.raises(ValueError, match="momenta must contain at least one event"):
-        MatrixElement("ee_mumu")(torch.zeros(0, 4, 4))
-    with pytest.raises(ValueError, match="cos_theta must contain at least one value"):
-        TwoBodyCrossSection("ee_mumu")(torch.zeros(0, dtype=torch.float64), 91.0)
     with pytest.raises(ValueError, match=r"sqrt_s must be a number or a 0-d tensor, got shape \(2,\)"):
         TwoBodyCrossSection("ee_mumu").double().cross_section(torch.tensor([91.0, 92.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="n_nodes must be a positive integer"):
@@ -409,3 +405,19 @@ def test_rejects_bad_parameter_values():
         module.gamma_z.fill_(-1.0)
     with pytest.raises(ValueError, match="gamma_z must be positive"):
         module(_momenta("ee_mumu", 2))
+
+
+def test_empty_batches_give_empty_results_with_zero_gradients():
+    """A selection that kept no event: an empty result, no kernel call, and zero (not missing)
+    gradients of the inputs and parameters, as for any other batch."""
+    for module, inputs in ((MatrixElement("gg_tt").double(), (torch.zeros(0, 4, 4, dtype=torch.float64),)),
+                           (DifferentialCrossSection("ee_mumu").double(), (torch.zeros(0, 4, 4, dtype=torch.float64),)),
+                           (TwoBodyCrossSection("ee_mumu").double(), (torch.zeros(0, dtype=torch.float64), 91.0))):
+        module.requires_grad_(True)
+        first = inputs[0].requires_grad_()
+        out = module(*inputs)
+        assert out.shape == (0,)
+        out.sum().backward()
+        assert first.grad is not None and first.grad.shape == first.shape
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad == 0, name

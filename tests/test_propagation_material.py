@@ -131,3 +131,24 @@ def test_pathwise_scattering_gradient_is_unbiased():
     analytic = (expectation(2.0 + 1e-4) - expectation(2.0 - 1e-4)) / 2e-4
     assert abs(mean - analytic) < 4 * error + 0.01 * analytic
     assert error < 0.05 * analytic
+
+
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, [1e-9, 1e-15, 1e-20, 1e-30]),
+                                         (torch.float64, [1e-9, 1e-30, 1e-160, 1e-300])])
+def test_tiny_q_over_p_tends_to_the_neutral_straight_line(dtype, tiny):
+    """A tiny non-zero q/p (e.g. a network's output) behaves like q/p = 0: every layer hit, finite
+    covariance and gradients (the Bethe-Bloch logarithm overflowed float32 near 5e8 GeV and stopped
+    such tracks in the first layer; p^2 overflowed for the smallest values)."""
+    from pyhybrid.nn.propagator import SolenoidField, barrel, free_parameters
+
+    propagator = Propagator(SolenoidField(), barrel([32.0, 72.0, 116.0, 172.0], half_length=600.0))
+    n = len(tiny) + 1
+    params = free_parameters(torch.zeros(n, 3, dtype=dtype), torch.tensor([[1.0, 0.5, 0.2]] * n, dtype=dtype), 1.0)
+    params[:, 7] = torch.tensor([0.0, *tiny], dtype=dtype)
+    params.requires_grad_()
+    out = propagator(params, 1e-4 * torch.eye(8, dtype=dtype).repeat(n, 1, 1))
+    assert out.valid.all()
+    torch.testing.assert_close(out.local, out.local[:1].expand_as(out.local), rtol=0, atol=1e-6)
+    assert torch.isfinite(out.covariance).all()
+    out.local.sum().backward()
+    assert torch.isfinite(params.grad).all()

@@ -187,6 +187,8 @@ def test_bad_input_gives_clear_errors(propagator):
         propagator(params.to(torch.float16))
     with pytest.raises(ValueError, match=r"covariance must have shape \(4, 8, 8\)"):
         propagator(params, torch.zeros(4, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="covariance requires grad.*covariance.detach"):
+        propagator(params, torch.eye(8, dtype=torch.float64).repeat(4, 1, 1).requires_grad_())
     with pytest.raises(ValueError, match="cylinder radius must be positive"):
         Propagator(UniformField(), [CylinderLayer(radius=-5.0)])
     with pytest.raises(ValueError, match="thickness must be >= 0"):

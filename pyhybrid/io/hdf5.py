@@ -96,6 +96,15 @@ class EventWriter:
             raise ValueError(f"array names must be non-empty strings without '/', got {bad_names}")
         if chunk_events < 1:
             raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+        if compression not in (None, "gzip", "lzf"):
+            raise ValueError(f"compression must be 'gzip', 'lzf' or None, got {compression!r}")
+        # Checked before the file is opened: a bad argument must not truncate an existing file.
+        for name, (shape, dtype) in fixed.items():
+            _check_dtype(f"fixed array {name!r}", dtype)
+            if not all(isinstance(size, (int, np.integer)) and size >= 0 for size in tuple(shape)):
+                raise ValueError(f"fixed array {name!r}: per-event shape must be non-negative integers, got {shape!r}")
+        for name, dtype in jagged.items():
+            _check_dtype(f"jagged array {name!r}", dtype)
         if not overwrite and os.path.exists(path):
             raise FileExistsError(f"output file {path} exists")
         self.path = os.fspath(path)
@@ -186,6 +195,15 @@ class EventWriter:
                 os.remove(self.path)
 
 
+def _check_dtype(what: str, dtype) -> None:
+    try:
+        kind = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{what}: {dtype!r} is not a numpy dtype") from None
+    if not (np.issubdtype(kind, np.number) or kind == np.bool_) or np.issubdtype(kind, np.complexfloating):
+        raise TypeError(f"{what}: dtype must be a real number or bool type, got {kind}")
+
+
 def _check_storable(what: str, values: np.ndarray, dtype: np.dtype) -> None:
     """Values that the dataset's dtype would silently change: fractions or NaN into an integer
     dataset, integers outside its range, non-numbers (a float dataset takes any real number;
@@ -217,7 +235,10 @@ class EventFile:
 
 
 def read_events(path: str | os.PathLike) -> EventFile:
-    """Read and validate a pyhybrid event file; errors name what is missing or wrong."""
+    """Read and validate a pyhybrid event file; errors name what is missing or wrong
+    (:class:`LayoutError`; FileNotFoundError for a missing file)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
     try:
         handle = h5py.File(path, "r", libver="latest", swmr=True)
     except OSError as error:
@@ -229,28 +250,50 @@ def read_events(path: str | os.PathLike) -> EventFile:
             if key not in f.attrs:
                 raise LayoutError(f"{path}: missing file attribute {key!r}")
         for key in ("n_events", "fixed", "jagged"):
-            if key not in f:
+            kind = h5py.Dataset if key == "n_events" else h5py.Group
+            if not isinstance(f.get(key), kind):
                 raise LayoutError(f"{path}: missing {'dataset' if key == 'n_events' else 'group'} /{key}")
-        n = int(f["n_events"][0])
+        count = f["n_events"]
+        if count.shape != (1,) or not np.issubdtype(count.dtype, np.integer) or count[0] < 0:
+            raise LayoutError(f"{path}: /n_events must hold one integer >= 0, got shape {count.shape} "
+                              f"dtype {count.dtype}" + (f" value {count[0]}" if count.shape == (1,) else ""))
+        n = int(count[0])
+
+        def json_attribute(key: str, default=None):
+            try:
+                return json.loads(f.attrs[key] if default is None else f.attrs.get(key, default))
+            except (TypeError, ValueError) as error:
+                raise LayoutError(f"{path}: file attribute {key!r} is not JSON ({error})") from None
+
+        try:
+            seed, version = int(f.attrs["seed"]), int(f.attrs["format_version"])
+        except (TypeError, ValueError) as error:
+            raise LayoutError(f"{path}: file attributes 'seed' and 'format_version' must be integers ({error})") \
+                from None
         metadata = {
-            **json.loads(f.attrs.get("extra", "{}")),
-            "format_version": int(f.attrs["format_version"]),
+            **json_attribute("extra", "{}"),
+            "format_version": version,
             "pyhybrid_version": str(f.attrs["pyhybrid_version"]),
             "created": str(f.attrs["created"]),
-            "units": json.loads(f.attrs["units"]),
-            "parameters": json.loads(f.attrs["parameters"]),
-            "seed": None if int(f.attrs["seed"]) < 0 else int(f.attrs["seed"]),
+            "units": json_attribute("units"),
+            "parameters": json_attribute("parameters"),
+            "seed": None if seed < 0 else seed,
         }
         result = EventFile(n_events=n, metadata=metadata)
         for name, dataset in f["fixed"].items():
+            if not isinstance(dataset, h5py.Dataset) or dataset.ndim < 1:
+                raise LayoutError(f"{path}: /fixed/{name} must be a dataset with one row per event")
             if dataset.shape[0] < n:
                 raise LayoutError(f"{path}: /fixed/{name} has {dataset.shape[0]} rows, n_events is {n}")
             result.fixed[name] = dataset[:n]
         for name, group in f["jagged"].items():
             for part in ("offsets", "values"):
-                if part not in group:
-                    raise LayoutError(f"{path}: missing /jagged/{name}/{part}")
+                if not isinstance(group, h5py.Group) or not isinstance(group.get(part), h5py.Dataset) \
+                        or group[part].ndim != 1:
+                    raise LayoutError(f"{path}: missing /jagged/{name}/{part} (a one-dimensional dataset)")
             offsets = group["offsets"]
+            if not np.issubdtype(offsets.dtype, np.integer):
+                raise LayoutError(f"{path}: /jagged/{name}/offsets must be integers, got {offsets.dtype}")
             if offsets.shape[0] < n + 1:
                 raise LayoutError(f"{path}: /jagged/{name}/offsets has {offsets.shape[0]} entries, needs {n + 1}")
             offsets = offsets[: n + 1]

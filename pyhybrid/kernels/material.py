@@ -42,6 +42,13 @@ K_BETHE = 0.307075
 _LN10 = math.log(10.0)
 #: |cos(incidence)| below this is clamped (grazing tracks): path in material <= 1000 x thickness.
 MIN_COS_INCIDENCE = 1e-3
+#: The mean energy loss of faster particles is that at this momentum [GeV]: far beyond the Bethe
+#: formula's validity already, and its logarithm's argument (~p^3) would overflow float32 near 5e8 GeV
+#: (a tiny q/p, e.g. a network's output, would then count as stopped in the first layer).
+MAX_STOPPING_MOMENTUM = 1e5
+#: Above this momentum [GeV] q/p is left unchanged: the loss in a layer is below float64's resolution of
+#: q/p there, and p^2 overflows for |q/p| < ~1e-19 (float32) or 1e-154 (float64).
+NEGLIGIBLE_LOSS_MOMENTUM = 1e12
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,10 @@ MATERIALS = {m.name: m for m in (SILICON, BERYLLIUM, ALUMINIUM)}
 
 
 def _kinematics(p, mass):
-    """(beta gamma)^2, gamma, beta^2 from momentum and mass."""
+    """(beta gamma)^2, gamma, beta^2 from momentum and mass (beta^2 = 1 where (beta gamma)^2 overflows)."""
     bg2 = (p * p) * (1.0 / (mass * mass))
     gamma = dm.sqrt(1.0 + bg2)
-    beta2 = bg2 / (1.0 + bg2)
+    beta2 = 1.0 / (1.0 + 1.0 / bg2)
     return bg2, gamma, beta2
 
 
@@ -161,17 +168,21 @@ def interact(direction, qop, normal, thickness, material: Material, mass: float,
     theta0 = dm.select(neutral, 0.0, theta0)
     energy = dm.sqrt(p * p + mass * mass)
     sigma_e = dm.value(energy_loss_sigma(material, path, p, mass, charge))
-    pv, ev, qv = dm.value(p), dm.value(energy), dm.value(safe_qop)
-    qop_variance = dr.select(neutral, 0.0, dr.square(qv * ev / (pv * pv) * sigma_e))
+    pv, qv = dm.value(p), dm.value(safe_qop)
+    # d(q/p)/dE = -(q/p) (E/p) / p, with E/p and 1/p from q/p: finite where p^2 overflows
+    e_over_p = dr.sqrt(1.0 + dr.square(mass / charge * qv))
+    qop_variance = dr.select(neutral, 0.0, dr.square(qv * e_over_p * (dr.abs(qv) / charge) * sigma_e))
     stopped = dr.zeros(dr.mask_t(pv), dr.width(pv))
     new_qop = qop
     if energy_loss:
-        remaining = energy - stopping_power(material, p, mass, charge) * path
+        p_loss = dm.select(pv < MAX_STOPPING_MOMENTUM, p, MAX_STOPPING_MOMENTUM)
+        remaining = energy - stopping_power(material, p_loss, mass, charge) * path
         stopped = (dm.value(remaining) <= mass * (1.0 + 1e-6)) & ~neutral
         p2 = remaining * remaining - mass * mass
         p2 = dm.select(dm.value(p2) > 1e-30, p2, 1e-30)
         sign = dr.select(dm.value(safe_qop) < 0, -1.0, 1.0)
-        new_qop = dm.select(neutral | stopped, qop, (charge / dm.sqrt(p2)) * sign)
+        unchanged = neutral | stopped | (pv > NEGLIGIBLE_LOSS_MOMENTUM)
+        new_qop = dm.select(unchanged, qop, (charge / dm.sqrt(p2)) * sign)
     new_direction = direction
     if deflection is not None:
         e1, e2 = dm.perpendicular_basis(direction)

@@ -170,8 +170,6 @@ class SamplingCalorimeter(nn.Module):
     def _inputs(self, energy: torch.Tensor, impact: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         design = self.design_tensor()
         energy = engine.check_tensor(energy, "energy", shape=(None,), dtype=design.dtype, device=design.device)
-        if energy.numel() == 0:
-            raise ValueError("energy must hold at least one shower")
         if bool((energy < MIN_ENERGY).any()):
             raise ValueError(f"energy must be >= {MIN_ENERGY} GeV (GFLASH validity), got min {float(energy.min())}")
         if impact is None:
@@ -184,6 +182,11 @@ class SamplingCalorimeter(nn.Module):
     def _nodes_per_segment(self) -> int:
         segment_depth = float(self.depth_in_radiation_lengths().detach()) / self.segmentation.n_segments
         return kernel.nodes_per_segment(segment_depth, self.quadrature_points)
+
+    def _empty_cells(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The cells of no showers (N = 0), in the graph of the inputs and the design."""
+        s = self.segmentation
+        return engine.empty_batch((0, s.n_segments, s.n_cells, s.n_cells), *inputs, self.design_tensor())
 
     def _cells(self, flat: torch.Tensor, n: int) -> torch.Tensor:
         s = self.segmentation
@@ -202,6 +205,8 @@ class SamplingCalorimeter(nn.Module):
         energy, impact = self._inputs(energy, impact)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        if energy.shape[0] == 0:
+            return self._empty_cells(energy, impact)
         flat = _simulate_fn(energy, impact, self.design_tensor(), segmentation=self.segmentation,
                             seed=check_seed(seed), quadrature_points=self._nodes_per_segment())
         return self._cells(flat, energy.shape[0])
@@ -219,6 +224,8 @@ class SamplingCalorimeter(nn.Module):
             shower_normals = torch.zeros_like(impact)
         shower_normals = engine.check_tensor(shower_normals, "shower_normals", shape=(energy.shape[0], 2),
                                              dtype=energy.dtype, device=energy.device)
+        if energy.shape[0] == 0:
+            return self._empty_cells(energy, impact, shower_normals)
         flat = _expected_fn(energy, impact, shower_normals, self.design_tensor(), segmentation=self.segmentation,
                             quadrature_points=self._nodes_per_segment())
         return self._cells(flat, energy.shape[0])

@@ -152,7 +152,7 @@ class Whiten(nn.Module):
         """
         check_tensor(samples, "samples", shape=(None, self.mean.numel()))
         x = samples.to(torch.float64)
-        moments = [torch.tensor(float(x.shape[0]), dtype=torch.float64), x.sum(0), x.T @ x]
+        moments = [torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), x.sum(0), x.T @ x]
         if reduce is not None:
             moments = [reduce(m) for m in moments]
         count, total, outer = moments
@@ -200,10 +200,10 @@ class LinearPlusMLP(nn.Module):
         check_tensor(y, "y", shape=(x.shape[0], self.linear.out_features))
         design = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         gram, rhs = design.T @ design, design.T @ y
-        count = torch.tensor(float(x.shape[0]), dtype=x.dtype)
+        count = torch.tensor(float(x.shape[0]), dtype=x.dtype, device=x.device)
         if reduce is not None:
             gram, rhs, count = reduce(gram), reduce(rhs), reduce(count)
-        gram = gram + ridge * count * torch.eye(design.shape[1], dtype=x.dtype)
+        gram = gram + ridge * count * torch.eye(design.shape[1], dtype=x.dtype, device=x.device)
         solution = torch.linalg.solve(gram, rhs)
         self.linear.weight.copy_(solution[:-1].T)
         self.linear.bias.copy_(solution[-1])
@@ -651,8 +651,8 @@ class HitCorrection(nn.Module):
         check_tensor(y, "y (hits)", shape=(None, self.radii.numel(), 2))
         n, n_layers = y.shape[:2]
         phi = y[..., 0] / self.radii.to(y.dtype)
-        k = torch.arange(1, self.harmonics + 1, dtype=y.dtype)
-        layer = torch.eye(n_layers, dtype=y.dtype).expand(n, n_layers, n_layers)
+        k = torch.arange(1, self.harmonics + 1, dtype=y.dtype, device=y.device)
+        layer = torch.eye(n_layers, dtype=y.dtype, device=y.device).expand(n, n_layers, n_layers)
         features = torch.cat([layer, torch.cos(phi[..., None] * k), torch.sin(phi[..., None] * k),
                               y[..., 1:2] / self.z_scale], dim=-1)
         shift = _in_network_dtype(self.network, features)
@@ -757,7 +757,7 @@ def fit_through_physics(encoder: nn.Module, residuals_of: Callable[[torch.Tensor
     """
     if rounds < 1 or gauss_newton_iterations < 1:
         raise ValueError(f"rounds and gauss_newton_iterations must be >= 1, got {rounds}, {gauss_newton_iterations}")
-    everything = torch.arange(inputs.shape[0])
+    everything = torch.arange(inputs.shape[0], device=inputs.device)
     history = []
     for round_index in range(rounds):
         with torch.no_grad():

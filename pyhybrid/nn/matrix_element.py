@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_tensor, kernel_function
+from pyhybrid.engine import check_tensor, empty_batch, kernel_function
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
@@ -374,9 +374,10 @@ class MatrixElement(_ProcessModule):
         check_tensor(momenta, "momenta", shape=(None, n, 4), finite=not self.validate)
         if momenta.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"momenta must be float32 or float64, got {momenta.dtype}")
+        parameters = self._parameter_tensors(momenta)
         if momenta.shape[0] == 0:
-            raise ValueError("momenta must contain at least one event")
-        return _MATRIX_ELEMENT(momenta.reshape(-1), *self._parameter_tensors(momenta), process=self.process.name,
+            return empty_batch((0,), momenta, *parameters)
+        return _MATRIX_ELEMENT(momenta.reshape(-1), *parameters, process=self.process.name,
                                flavour=self.flavour, scheme=self.scheme, output=self._output,
                                tolerance=self.tolerance if self.validate else None)
 
@@ -411,8 +412,6 @@ class TwoBodyCrossSection(_ProcessModule):
         check_tensor(cos_theta, "cos_theta", shape=(None,))
         if cos_theta.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"cos_theta must be float32 or float64, got {cos_theta.dtype}")
-        if cos_theta.shape[0] == 0:
-            raise ValueError("cos_theta must contain at least one value")
         if bool((cos_theta.detach().abs() > 1).any()):
             raise ValueError("cos_theta must lie in [-1, 1]")
         sqrt_s = _energy_tensor(sqrt_s, cos_theta)
@@ -420,7 +419,10 @@ class TwoBodyCrossSection(_ProcessModule):
         if bool((sqrt_s.detach() <= threshold).any()):
             raise ValueError(f"sqrt_s = {float(sqrt_s.detach().min()):.6g} GeV is below the {self.process.name} "
                              f"threshold {threshold:.6g} GeV")
-        return _TWO_BODY_CROSS_SECTION(cos_theta, sqrt_s, *self._parameter_tensors(cos_theta),
+        parameters = self._parameter_tensors(cos_theta)
+        if cos_theta.shape[0] == 0:
+            return empty_batch((0,), cos_theta, sqrt_s, *parameters)
+        return _TWO_BODY_CROSS_SECTION(cos_theta, sqrt_s, *parameters,
                                        process=self.process.name, flavour=self.flavour, scheme=self.scheme)
 
     def cross_section(self, sqrt_s: torch.Tensor | float, n_nodes: int = 64,

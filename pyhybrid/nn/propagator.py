@@ -41,7 +41,7 @@ import drjit as dr
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_tensor, kernel_function, types_for
+from pyhybrid.engine import check_tensor, empty_batch, kernel_function, types_for
 from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
@@ -425,9 +425,12 @@ class Propagator(nn.Module):
         if covariance is not None:
             check_tensor(covariance, "covariance", shape=(params.shape[0], 8, 8), dtype=params.dtype,
                          device=params.device)
+            if covariance.requires_grad and torch.is_grad_enabled():
+                raise ValueError("covariance requires grad, but the transported covariance is not differentiable "
+                                 "(returned detached): pass covariance.detach()")
             inputs.append(covariance.reshape(-1, 64))
         if params.shape[0] == 0:
-            return self._empty_result(params, covariance is not None)
+            return self._empty_result(inputs, covariance is not None)
         sampled_seed = seed is None and self.options.scattering == "sample"
         rng_state = torch.get_rng_state() if sampled_seed else None  # restored if the kernel rejects the tracks
         if seed is None:
@@ -456,13 +459,13 @@ class Propagator(nn.Module):
             result.local_covariance = outputs[6].detach().reshape(n, n_layers, 2, 2)
         return result
 
-    def _empty_result(self, params: torch.Tensor, with_covariance: bool) -> PropagationResult:
-        """The outputs for no tracks (no kernel runs); in the graph of ``params``, so that a loss
-        summed over them has a (zero) gradient like any other batch."""
-        n_layers, anchor = self.n_layers, params.sum() * 0.0
-        result = PropagationResult(free=params.new_zeros(0, n_layers, 8) + anchor,
-                                   local=params.new_zeros(0, n_layers, 2) + anchor,
-                                   path_length=params.new_zeros(0, n_layers) + anchor,
+    def _empty_result(self, inputs: list[torch.Tensor], with_covariance: bool) -> PropagationResult:
+        """The outputs for no tracks (no kernel runs), in the graph of the ``inputs`` (tracks, field,
+        layers; see :func:`empty_batch`)."""
+        n_layers, params = self.n_layers, inputs[0]
+        result = PropagationResult(free=empty_batch((0, n_layers, 8), *inputs),
+                                   local=empty_batch((0, n_layers, 2), *inputs),
+                                   path_length=empty_batch((0, n_layers), *inputs),
                                    valid=torch.zeros(0, n_layers, dtype=torch.bool, device=params.device))
         if with_covariance:
             result.covariance = params.new_zeros(0, n_layers, 8, 8)

@@ -314,3 +314,15 @@ def test_empty_batch_gives_empty_cells_with_zero_gradients():
         cells.sum().backward()
     assert energy.grad.shape == (0,)
     assert all(p.grad is not None and p.grad == 0 for p in calo.parameters())
+
+
+def test_materials_reproduce_the_pdg_critical_energies():
+    """R_M = E_s X0 / E_c (PDG's definition): each material's X0 and Moliere radius give PDG's electron
+    critical energy (iron's R_M was 16.93 mm, E_c 22.0 MeV; PDG: 17.19 mm, 21.68 MeV)."""
+    from pyhybrid.kernels.calorimeter import MATERIALS
+
+    pdg_critical_energy_mev = {"lead": 7.43, "tungsten": 7.97, "iron": 21.68, "copper": 19.42,
+                               "liquid_argon": 32.84, "scintillator": 93.11, "silicon": 40.19}
+    assert set(pdg_critical_energy_mev) == set(MATERIALS)
+    for name, material in MATERIALS.items():
+        assert material.critical_energy * 1e3 == pytest.approx(pdg_critical_energy_mev[name], rel=2e-3), name

@@ -88,7 +88,7 @@ class Material:
 MATERIALS = {m.name: m for m in (
     Material("lead", 5.612, 16.02, 82.0, 11.35, 1.273),
     Material("tungsten", 3.504, 9.327, 74.0, 19.30, 2.210),
-    Material("iron", 17.57, 16.93, 26.0, 7.874, 1.143),
+    Material("iron", 17.57, 17.19, 26.0, 7.874, 1.143),
     Material("copper", 14.36, 15.68, 29.0, 8.960, 1.257),
     Material("liquid_argon", 140.0, 90.43, 18.0, 1.396, 0.2105),
     Material("scintillator", 413.1, 94.06, 5.61, 1.060, 0.2175),  # polystyrene

@@ -51,7 +51,7 @@ def test_rejects_bad_options(tmp_path):
     assert result.exit_code != 0 and "'--energy': 0.01 is not in the range x>=0.1" in result.output
     result = runner.invoke(main, ["run", "calorimeter", "--layers", "10", "--layers-per-segment", "3",
                                   "-o", str(tmp_path / "x.h5")])
-    assert result.exit_code != 0 and "multiple of layers_per_segment" in result.output
+    assert result.exit_code == 2 and "--layers (10) must be a multiple of --layers-per-segment (3)" in result.output
     for option in ("--energy", "--noise", "--cell-size", "--impact-spread"):
         result = runner.invoke(main, ["run", "calorimeter", option, "inf", "-o", str(tmp_path / "x.h5")])
         assert result.exit_code == 2 and "finite" in result.output, (option, result.output)

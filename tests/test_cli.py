@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from pyhybrid.bench import harness
 from pyhybrid.cli import RUN_COMMANDS, main
+from pyhybrid.io import read_events
 
 
 def test_info_reports_versions_and_backends():
@@ -156,3 +157,4 @@ def test_ctrl_c_stops_a_run_and_keeps_the_written_events(tmp_path):
     with h5py.File(output, "r") as f:
         n_events = int(f["n_events"][0])
     assert n_events > 0 and n_events % 20000 == 0
+    assert read_events(output).complete is False

@@ -34,7 +34,7 @@ def test_round_trip_with_metadata(tmp_path):
         for fixed, jagged in batches:
             writer.append(len(fixed["weight"]), fixed, jagged)
     events = read_events(path)
-    assert events.n_events == 12
+    assert events.n_events == 12 and events.complete is True
     np.testing.assert_array_equal(events.fixed["momentum"], np.concatenate([b[0]["momentum"] for b in batches]))
     counts = np.concatenate([b[1]["pdg"][0] for b in batches])
     offsets, values = events.jagged["pdg"]
@@ -94,7 +94,11 @@ def test_a_run_failing_before_its_first_batch_leaves_no_file_and_a_later_failure
             EventWriter(path, fixed=FIXED, jagged=JAGGED) as writer:
         writer.append(2, *_batch(rng, 2))
         raise RuntimeError("second batch failed")
-    assert read_events(path).n_events == 2
+    events = read_events(path)
+    assert events.n_events == 2 and events.complete is False  # not to be mistaken for a finished run
+    with h5py.File(path, "a") as f:  # files written before the flag existed
+        del f["complete"]
+    assert read_events(path).complete is None
 
 
 def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
@@ -196,7 +200,7 @@ def test_killed_writer_keeps_finished_batches(tmp_path):
     assert finished >= 5
     events = read_events(path)
     assert events.n_events >= 10 * (finished + 1)
-    assert events.n_events % 10 == 0
+    assert events.n_events % 10 == 0 and events.complete is False
     batches = events.fixed["x"][:, 0]
     np.testing.assert_array_equal(batches, np.repeat(np.arange(events.n_events // 10), 10))
     offsets, values = events.jagged["e"]

@@ -187,6 +187,17 @@ def test_bad_input_gives_clear_errors(propagator):
         propagator(params.to(torch.float16))
     with pytest.raises(ValueError, match=r"covariance must have shape \(4, 8, 8\)"):
         propagator(params, torch.zeros(4, 6, 6, dtype=torch.float64))
+    position, momentum = torch.zeros(3, 3, dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64)
+    for bad, error, message in ((dict(charge=torch.ones(3, 1)), ValueError, "charge must have shape"),
+                                (dict(charge=float("nan")), ValueError, "charge contains NaN"),
+                                (dict(charge=1.0, time=torch.zeros(3, 1, dtype=torch.float64)), ValueError,
+                                 "time must have shape"),
+                                (dict(charge=1.0, time=[0.0, 0.0, 0.0]), TypeError, "time must be a torch.Tensor")):
+        with pytest.raises(error, match=message):
+            free_parameters(position, momentum, **bad)
+    charges = torch.tensor([1, -1, 2])  # integer charges are converted
+    torch.testing.assert_close(free_parameters(position, momentum, charges)[:, 7],
+                               charges.double() / math.sqrt(3.0))
     with pytest.raises(ValueError, match="covariance requires grad.*covariance.detach"):
         propagator(params, torch.eye(8, dtype=torch.float64).repeat(4, 1, 1).requires_grad_())
     with pytest.raises(ValueError, match="cylinder radius must be positive"):
@@ -236,7 +247,8 @@ def test_cli_run_writes_hits(tmp_path):
     np.testing.assert_allclose(radii[valid], np.broadcast_to(events.metadata["parameters"]["radii"], radii.shape)[valid],
                                rtol=1e-5)
     assert events.metadata["parameters"]["field"] == "solenoid" and events.metadata["seed"] == 5
-    assert events.metadata["parameters"]["batch_size"] == 128
+    assert events.metadata["parameters"]["batch_size"] == 128 and events.metadata["parameters"]["tracks"] == 300
+    assert events.complete is True
     again = tmp_path / "again.h5"
     CliRunner().invoke(main, ["run", "propagate", "--tracks", "300", "--seed", "5", "--batch-size", "128",
                               "-o", str(again)])
@@ -255,6 +267,8 @@ def test_cli_run_writes_hits(tmp_path):
     (["--pt-max", "inf"], "'--pt-max': 'inf' is not a finite number"),
     (["--eta-max", "1e9"], "'--eta-max': 1000000000.0 is not in the range 0<=x<=10"),
     (["--step-size", "1e-3"], "10000 steps of 0.001 mm end before the last layer"),
+    (["--radii", "30,70,30"], "layers listed twice: 30 mm"),
+    (["--disks", "1200,1200"], "layers listed twice: 1200 mm"),
 ])
 def test_cli_rejects_bad_arguments_before_running(arguments, message):
     result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "10", *arguments])

@@ -73,6 +73,9 @@ def command(n_events, energy, energy_min, energy_max, impact_spread, absorber, a
         energy_min = energy_max = energy
     if not energy_min <= energy_max:
         raise click.BadParameter("need energy-min <= energy-max", param_hint="--energy-min/--energy-max")
+    if n_layers % layers_per_segment:
+        raise click.BadParameter(f"--layers ({n_layers}) must be a multiple of --layers-per-segment "
+                                 f"({layers_per_segment})", param_hint="--layers/--layers-per-segment")
     try:
         types = kernel_types(device, precision)
         segmentation = kernel.Segmentation(n_layers, layers_per_segment, n_cells)

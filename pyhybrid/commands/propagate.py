@@ -97,6 +97,11 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
     radii_list, disk_list = sorted(_floats(radii, "--radii")), sorted(_floats(disks, "--disks"))
     if not radii_list and not disk_list:
         raise click.BadParameter("give at least one layer (--radii or --disks)", param_hint="--radii")
+    for values, hint in ((radii_list, "--radii"), (disk_list, "--disks")):
+        repeated = sorted({v for v, w in zip(values, values[1:]) if v == w})
+        if repeated:  # two layers at one place: the same hit twice and the material counted twice
+            raise click.BadParameter(f"layers listed twice: {', '.join(f'{v:g}' for v in repeated)} mm",
+                                     param_hint=hint)
     if radii_list and disk_list and disk_list[0] <= half_length:
         # Tracks cross the layers in the order given: a disk inside the barrel's z range would be
         # reached before barrel layers that are listed before it, and then missed.
@@ -132,7 +137,7 @@ def command(tracks, field_kind, bfield, solenoid_radius, solenoid_half_length, s
     dtype = np.float32 if precision == "float32" else np.float64
     fixed = {"initial": ((8,), dtype), "free": ((n_layers, 8), dtype), "local": ((n_layers, 2), dtype),
              "path_length": ((n_layers,), dtype), "valid": ((n_layers,), np.uint8)}
-    parameters = {"field": field_kind, "bfield": bfield, "solenoid_radius": solenoid_radius,
+    parameters = {"tracks": tracks, "field": field_kind, "bfield": bfield, "solenoid_radius": solenoid_radius,
                   "solenoid_half_length": solenoid_half_length, "stepper": stepper, "step_size": step_size,
                   "tolerance": tolerance, "radii": radii_list, "half_length": half_length, "disks": disk_list,
                   "disk_rmin": disk_rmin, "disk_rmax": disk_rmax, "thickness": thickness, "material": material,

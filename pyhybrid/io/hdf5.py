@@ -5,6 +5,8 @@ Layout (readable with plain h5py; see docs/hdf5_layout.md)::
     /                       attrs: format="pyhybrid-events", format_version, pyhybrid_version,
                                    units (JSON), parameters (JSON), seed, created (ISO 8601 UTC)
     /n_events               int64[1]   events committed so far (the only length a reader trusts)
+    /complete               uint8[1]   1 once the writer was closed normally; 0 while it writes and after
+                                       a run that was interrupted or failed (its events are still valid)
     /fixed/<name>           dtype[n_rows, *shape]       one row per event
     /jagged/<name>/offsets  int64[n_rows + 1]           event i owns values[offsets[i]:offsets[i+1]]
     /jagged/<name>/values   dtype[n_values]             flat values of all events (awkward/uproot style)
@@ -117,6 +119,7 @@ class EventWriter:
         self._file.attrs.update(attributes)
         options = {"compression": compression} if compression else {}
         self._file.create_dataset("n_events", data=np.zeros(1, np.int64))
+        self._file.create_dataset("complete", data=np.zeros(1, np.uint8))
         group = self._file.create_group("fixed")
         for name, (shape, dtype) in fixed.items():
             group.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
@@ -182,14 +185,20 @@ class EventWriter:
         self._file.flush()
 
     def close(self) -> None:
+        """Mark the file complete and close it."""
+        self._close(complete=True)
+
+    def _close(self, complete: bool) -> None:
         if self._file.id.valid:
+            if complete:
+                self._file["complete"][0] = 1
             self._file.close()
 
     def __enter__(self) -> "EventWriter":
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        self.close()
+        self._close(complete=exc_type is None)  # an interrupted or failed run stays marked incomplete
         if exc_type is not None and self.n_events == 0:
             with contextlib.suppress(OSError):  # the original exception is the one to see
                 os.remove(self.path)
@@ -227,6 +236,9 @@ class EventFile:
     fixed: dict[str, np.ndarray] = field(default_factory=dict)
     jagged: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    #: True once the writer closed normally; False for a run that is still writing, was interrupted or
+    #: failed (its n_events events are valid all the same); None for files written before the flag.
+    complete: bool | None = None
 
     def event_list(self, name: str, index: int) -> np.ndarray:
         """Values of jagged array ``name`` for event ``index``."""
@@ -279,7 +291,9 @@ def read_events(path: str | os.PathLike) -> EventFile:
             "parameters": json_attribute("parameters"),
             "seed": None if seed < 0 else seed,
         }
-        result = EventFile(n_events=n, metadata=metadata)
+        complete = f.get("complete")
+        result = EventFile(n_events=n, metadata=metadata,
+                           complete=None if not isinstance(complete, h5py.Dataset) else bool(complete[0]))
         for name, dataset in f["fixed"].items():
             if not isinstance(dataset, h5py.Dataset) or dataset.ndim < 1:
                 raise LayoutError(f"{path}: /fixed/{name} must be a dataset with one row per event")

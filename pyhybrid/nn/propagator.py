@@ -628,15 +628,20 @@ _PROPAGATE = kernel_function(_propagate_kernel, vjp=_propagate_vjp)
 
 def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torch.Tensor | float,
                     time: torch.Tensor | None = None) -> torch.Tensor:
-    """ACTS free parameters (N, 8) from positions (N, 3) [mm], momenta (N, 3) [GeV] and charges (N,) [e].
+    """ACTS free parameters (N, 8) from positions (N, 3) [mm], momenta (N, 3) [GeV] and charges (N,) [e]
+    (or one charge for all tracks).
 
-    Differentiable torch code: q/p = charge / |p|, direction = p / |p|, time 0 unless given [ns].
+    Differentiable torch code: q/p = charge / |p|, direction = p / |p|, time (N,) 0 unless given [ns].
     """
     check_tensor(position, "position", shape=(None, 3))
-    check_tensor(momentum, "momentum", shape=(position.shape[0], 3), dtype=position.dtype, device=position.device)
+    n, like = position.shape[0], dict(dtype=position.dtype, device=position.device)
+    check_tensor(momentum, "momentum", shape=(n, 3), **like)
     p = momentum.norm(dim=1)
     if not bool((p > 0).all()):
         raise ValueError("momentum must be non-zero for every track")
-    charge = torch.as_tensor(charge, dtype=position.dtype, device=position.device).expand(position.shape[0])
-    time = torch.zeros_like(p) if time is None else time
+    if not isinstance(charge, torch.Tensor):
+        charge = torch.tensor(float(charge), **like)
+    check_tensor(charge, "charge", shape=(n,) if charge.dim() else (), device=position.device)
+    time = torch.zeros_like(p) if time is None else check_tensor(time, "time", shape=(n,), **like)
+    charge = charge.to(position.dtype).expand(n)  # integer charges are fine
     return torch.cat([position, time[:, None], momentum / p[:, None], (charge / p)[:, None]], dim=1)

@@ -32,7 +32,7 @@ from torch.autograd import forward_ad
 from pyhybrid.kernels.backend import KernelTypes, check_integer, cuda_available, kernel_types, llvm_version
 
 __all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
-           "empty_batch", "to_drjit", "to_torch", "kernel_function"]
+           "autocast_input", "empty_batch", "to_drjit", "to_torch", "kernel_function"]
 
 _DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -101,6 +101,16 @@ def _all_finite(value: torch.Tensor) -> bool:
     for 64 MB on a 2-core VM, against 4 ms for the sum). An overflowing sum of finite values falls
     back to the element-wise test."""
     return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
+def autocast_input(value, dtype: torch.dtype = torch.float32):
+    """Under ``torch.autocast``, a float16/bfloat16 activation as ``dtype``: the kernels run in
+    float32/float64, as autocast runs its float32-only ops on upcast inputs. Anything else unchanged
+    (outside autocast a low-precision input stays an error of the module's checks)."""
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16) and \
+            torch.is_autocast_enabled(value.device.type):
+        return value.to(dtype)
+    return value
 
 
 def empty_batch(shape: Sequence[int], *inputs: torch.Tensor) -> torch.Tensor:

@@ -334,3 +334,30 @@ def test_rng_is_reproducible_and_lanes_differ():
             types.rng(10, seed=bad)
     mean = dr.mean(types.normal(types.rng(100_000, seed=1)))[0]
     assert abs(mean) < 5 / 100_000 ** 0.5
+
+
+def test_modules_upcast_low_precision_activations_under_autocast():
+    """Under torch.autocast a network's bfloat16 output is computed in float32 (as autocast's
+    float32-only ops); outside autocast it stays an error naming the argument."""
+    from pyhybrid.nn import MatrixElement, Propagator, SolenoidField, barrel, free_parameters, rambo_momenta
+
+    torch.manual_seed(0)
+    momenta, _ = rambo_momenta(91.2, torch.zeros(2), 16, seed=1)
+    layer = torch.nn.Linear(16, 16)
+    with torch.no_grad():  # starts as the identity: physical momenta
+        layer.weight.copy_(torch.eye(16))
+        layer.bias.zero_()
+    matrix_element = MatrixElement("ee_mumu", tolerance=0.05)
+    propagator = Propagator(SolenoidField(b0=2.0), barrel([32.0, 72.0], half_length=600.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        activations = layer(momenta.reshape(16, 16))
+        assert activations.dtype == torch.bfloat16
+        squared = matrix_element(activations.reshape(16, 4, 4))
+        params = free_parameters(torch.zeros(16, 3), activations[:, 4:7].float() + 2.0, 1.0).bfloat16()
+        hits = propagator(params).local
+    assert squared.dtype == torch.float32 and hits.dtype == torch.float32
+    torch.testing.assert_close(squared, matrix_element(momenta), rtol=0.2, atol=0)  # bfloat16 inputs near the Z pole
+    (squared.sum() + hits.square().sum()).backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="momenta must be float32 or float64, got torch.bfloat16"):
+        matrix_element(momenta.bfloat16())

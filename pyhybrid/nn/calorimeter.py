@@ -169,6 +169,7 @@ class SamplingCalorimeter(nn.Module):
 
     def _inputs(self, energy: torch.Tensor, impact: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         design = self.design_tensor()
+        energy, impact = (engine.autocast_input(t, design.dtype) for t in (energy, impact))
         energy = engine.check_tensor(energy, "energy", shape=(None,), dtype=design.dtype, device=design.device)
         if bool((energy < MIN_ENERGY).any()):
             raise ValueError(f"energy must be >= {MIN_ENERGY} GeV (GFLASH validity), got min {float(energy.min())}")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_tensor, empty_batch, kernel_function
+from pyhybrid.engine import autocast_input, check_tensor, empty_batch, kernel_function
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
@@ -353,8 +353,9 @@ class MatrixElement(_ProcessModule):
     validate: run these checks (default True; fused into the matrix-element kernel,
         they cost one reduction over the events).
 
-    ``forward(momenta)``: momenta (N, n_particles, 4) [GeV], float32/float64, cpu or
-    cuda -> (N,) [dimensionless for 2 -> 2, GeV^-2 for 2 -> 3].
+    ``forward(momenta)``: momenta (N, n_particles, 4) [GeV], float32/float64 (float16/bfloat16
+    under ``torch.autocast``: computed in float32), cpu or cuda -> (N,) [dimensionless for
+    2 -> 2, GeV^-2 for 2 -> 3].
     """
 
     _output = "squared"
@@ -370,6 +371,7 @@ class MatrixElement(_ProcessModule):
     @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, momenta: torch.Tensor) -> torch.Tensor:
         n = self.process.n_particles
+        momenta = autocast_input(momenta)
         # NaN/inf are caught by the fused validation kernel, cheaper than a torch pass over the input.
         check_tensor(momenta, "momenta", shape=(None, n, 4), finite=not self.validate)
         if momenta.dtype not in (torch.float32, torch.float64):
@@ -409,6 +411,7 @@ class TwoBodyCrossSection(_ProcessModule):
 
     @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, cos_theta: torch.Tensor, sqrt_s: torch.Tensor | float) -> torch.Tensor:
+        cos_theta, sqrt_s = autocast_input(cos_theta), autocast_input(sqrt_s)
         check_tensor(cos_theta, "cos_theta", shape=(None,))
         if cos_theta.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"cos_theta must be float32 or float64, got {cos_theta.dtype}")

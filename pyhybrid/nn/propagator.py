@@ -41,7 +41,7 @@ import drjit as dr
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_tensor, empty_batch, kernel_function, types_for
+from pyhybrid.engine import autocast_input, check_tensor, empty_batch, kernel_function, types_for
 from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
@@ -413,6 +413,7 @@ class Propagator(nn.Module):
         """
         # Finite values and usable directions are checked by the kernel (it reads the tracks anyway;
         # in torch the checks took 2-6 ms of a 100 ms call of 10^5 tracks on 2 cores).
+        params, covariance = autocast_input(params), autocast_input(covariance)
         check_tensor(params, "params", shape=(None, 8), finite=False)
         if params.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"params must have dtype torch.float32 or torch.float64, got {params.dtype}")

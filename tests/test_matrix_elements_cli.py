@@ -45,6 +45,33 @@ def test_ee_qqg_events_to_hdf5_and_lhe(tmp_path):
     assert [(p.color1, p.color2) for p in first[2:]] == [(501, 0), (0, 502), (502, 501)]
 
 
+def test_an_interrupted_run_leaves_an_lhe_file_that_is_not_taken_for_a_complete_one(tmp_path, monkeypatch):
+    """Ctrl-C after the first batch: the HDF5 file is marked incomplete, the LHE file keeps its events
+    but has no closing tag (its weights assume all requested events), so LHE readers reject it."""
+    import xml.etree.ElementTree as ElementTree
+
+    import pyhybrid.kernels.hard_process as hard_process
+
+    batches = hard_process.HardProcess.unweighted_batches
+
+    def interrupted(self, *args, **kwargs):
+        for chunk in batches(self, *args, **kwargs):
+            yield chunk
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hard_process.HardProcess, "unweighted_batches", interrupted)
+    output, lhe = tmp_path / "int.h5", tmp_path / "int.lhe"
+    result = _run("--process", "ee_mumu", "--events", "200000", "-o", str(output), "--lhe", str(lhe))
+    assert result.exit_code != 0
+    events = read_events(output)
+    assert 0 < events.n_events < 200000 and events.complete is False
+    text = lhe.read_text()
+    assert text.count("<event>") == events.n_events and "</LesHouchesEvents>" not in text
+    assert f"INCOMPLETE: the run stopped after {events.n_events} of 200000 events" in text
+    with pytest.raises(ElementTree.ParseError):
+        ElementTree.fromstring(text)
+
+
 def test_gg_tt_colour_flows_and_masses(tmp_path):
     lhe = tmp_path / "tt.lhe"
     result = _run("--process", "gg_tt", "--sqrt-s", "600", "--events", "400", "-o", str(tmp_path / "tt.h5"),

@@ -56,7 +56,8 @@ __all__ = ["command"]
               help="Gauss-Legendre points per segment for the depth integral (at least; one per 2.5 X0 of a "
                    "deeper segment).")
 @click.option("--batch", "batch_size", type=click.IntRange(min=1), default=20_000, show_default=True,
-              help="Showers per kernel launch and per write.")
+              help="Showers per kernel launch and per write. Each batch draws its own random streams: "
+                   "keep it to reproduce a file.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @seed_option(default=1)

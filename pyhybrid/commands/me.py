@@ -50,7 +50,9 @@ class LHEWriter:
     ``masses``: the nominal mass [GeV] of each particle (written as PUP5).
 
     Use as a context manager: the header and <init> block are written on entry,
-    :meth:`write` appends events, the closing tag is written on exit.
+    :meth:`write` appends events, the closing tag is written on a normal exit. A run that is
+    interrupted keeps its events but gets a comment instead of the closing tag: its weights assume
+    all requested events, so the file must not pass for a complete sample (LHE readers reject it).
     """
 
     def __init__(self, path: str, *, beams: tuple[int, int], masses: list[float], sqrt_s: float,
@@ -59,6 +61,7 @@ class LHEWriter:
         self.masses = masses
         self.sqrt_s, self.alpha, self.alpha_s = sqrt_s, alpha, alpha_s
         self.weight = cross_section / max(n_events, 1)
+        self.n_requested, self.n_written = n_events, 0
         self._file = open(path, "w")
         self._file.write('<LesHouchesEvents version="3.0">\n<header>\n'
                          f"<!-- pyhybrid LO matrix elements: {description}; sqrt(s) = {sqrt_s:g} GeV -->\n"
@@ -81,17 +84,20 @@ class LHEWriter:
             lines.append("</event>")
         if lines:
             self._file.write("\n".join(lines) + "\n")
+        self.n_written += n_events
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
         if not self._file.closed:
-            self._file.write("</LesHouchesEvents>\n")
+            self._file.write("</LesHouchesEvents>\n" if complete else
+                             f"<!-- INCOMPLETE: the run stopped after {self.n_written} of {self.n_requested} events; "
+                             "the weights assume all of them -->\n")
             self._file.close()
 
     def __enter__(self) -> "LHEWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(complete=exc_type is None)
 
 
 POSITIVE = finite(min=0, min_open=True)

@@ -33,7 +33,8 @@ SHAPES = ("y23", "y34", "y45", "y56", "thrust")
 @click.option("--max-particles", "max_particles", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
               help="Parton slots per event.")
 @click.option("--batch", type=click.IntRange(min=1), default=100_000, show_default=True,
-              help="Events per kernel launch (memory ~ batch x max-particles).")
+              help="Events per kernel launch (memory ~ batch x max-particles). Each batch draws its own "
+                   "random streams: keep it to reproduce a file.")
 @click.option("--observables/--no-observables", default=True, show_default=True,
               help="Also store Durham y23..y56 and thrust.")
 @output_option("shower_events.h5")

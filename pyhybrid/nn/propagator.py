@@ -640,8 +640,8 @@ def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torc
     p = momentum.norm(dim=1)
     if not bool((p > 0).all()):
         raise ValueError("momentum must be non-zero for every track")
-    if not isinstance(charge, torch.Tensor):
-        charge = torch.tensor(float(charge), **like)
+    if not isinstance(charge, torch.Tensor):  # a number, list or numpy array
+        charge = torch.as_tensor(charge, **like)
     check_tensor(charge, "charge", shape=(n,) if charge.dim() else (), device=position.device)
     time = torch.zeros_like(p) if time is None else check_tensor(time, "time", shape=(n,), **like)
     charge = charge.to(position.dtype).expand(n)  # integer charges are fine

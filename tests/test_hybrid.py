@@ -166,6 +166,9 @@ def test_component_modes_and_errors():
     assert restored.mode == "surrogate"
     with torch.no_grad():
         torch.testing.assert_close(restored(p), surrogate(p), rtol=0, atol=0)
+    older = {k: v for k, v in component.use("physics").state_dict().items() if not k.endswith("_extra_state")}
+    restored.load_state_dict(older)  # a checkpoint from before the mode was saved: strict, the mode kept
+    assert restored.mode == "surrogate"
     with pytest.raises(ValueError, match="needs physics and correction"):
         Component(surrogate=surrogate).load_state_dict({**component.use("residual").state_dict()}, strict=False)
     with pytest.raises(ValueError, match="needs surrogate"):

@@ -344,6 +344,7 @@ class Component(nn.Module):
         if mode is None:
             mode = "residual" if correction is not None else ("physics" if physics is not None else "surrogate")
         self.mode = mode
+        self.register_load_state_dict_pre_hook(_keep_mode_without_extra_state)
 
     @property
     def mode(self) -> str:
@@ -379,7 +380,8 @@ class Component(nn.Module):
         return y + delta
 
     def get_extra_state(self) -> dict:
-        """The mode travels with the state_dict: a checkpoint restores the model it was saved from."""
+        """The mode travels with the state_dict: a checkpoint restores the model it was saved from
+        (one saved before the mode was stored keeps the current mode)."""
         return {"mode": self._mode}
 
     def set_extra_state(self, state: dict) -> None:
@@ -387,6 +389,10 @@ class Component(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self._mode!r}"
+
+
+def _keep_mode_without_extra_state(module: Component, state_dict, prefix, *args) -> None:
+    state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
 
 
 # ---------------------------------------------------------------- training

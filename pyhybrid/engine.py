@@ -332,10 +332,12 @@ class _KernelGradient(torch.autograd.Function):
         if any(dim is not None for dim in in_dims[3:3 + n_tensors]):
             raise NotImplementedError("torch.func.vmap over a pyhybrid kernel's inputs is not supported")
         grad_dims = in_dims[3 + n_tensors:]
+        # ``apply``, not ``forward``: each result stays a node whose derivative raises, also for
+        # autograd or transforms below this vmap (a loss on a jacrev Jacobian must not lose the kernel's part).
         per_cotangent = [
-            _KernelGradient.forward(call, needs, n_tensors, *tensors_and_grads[:n_tensors],
-                                    *(g if dim is None else g.select(dim, b)
-                                      for g, dim in zip(tensors_and_grads[n_tensors:], grad_dims)))
+            _KernelGradient.apply(call, needs, n_tensors, *tensors_and_grads[:n_tensors],
+                                  *(g if dim is None else g.select(dim, b)
+                                    for g, dim in zip(tensors_and_grads[n_tensors:], grad_dims)))
             for b in range(info.batch_size)]
         return tuple(torch.stack(grads) for grads in zip(*per_cotangent)), 0
 

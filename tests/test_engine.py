@@ -120,6 +120,13 @@ def test_second_derivatives_raise_instead_of_missing_the_kernels_part(fn):
         torch.autograd.grad(graph.sum(), (omega, damping))
     with pytest.raises(RuntimeError, match="differentiable once"):  # the same through torch.func
         torch.func.grad(lambda s: torch.func.grad(lambda t: fn(t, omega, damping).sum())(s).sum())(state)
+    # a loss on a jacrev Jacobian: its derivative raises, through autograd and nested transforms
+    jacobian = torch.func.jacrev(lambda s: fn(s, omega, damping).sum(1) + s.square().sum(1))(state)
+    assert jacobian.requires_grad
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(jacobian.sum(), state)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.jacrev(torch.func.jacrev(lambda s: fn(s, omega, damping).sum(1)))(state.detach())
 
 
 @pytest.mark.parametrize("fn", [reverse_fn, forward_fn], ids=["reverse-ad", "vjp"])

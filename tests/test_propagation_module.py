@@ -195,11 +195,16 @@ def test_bad_input_gives_clear_errors(propagator):
                                 (dict(charge=1.0, time=[0.0, 0.0, 0.0]), TypeError, "time must be a torch.Tensor")):
         with pytest.raises(error, match=message):
             free_parameters(position, momentum, **bad)
+    for one_for_all in (-1, [-1.0], torch.tensor([-1.0])):
+        assert (free_parameters(position, momentum, one_for_all)[:, 7] < 0).all()
     charges = torch.tensor([1, -1, 2])  # integer charges are converted
     torch.testing.assert_close(free_parameters(position, momentum, charges)[:, 7],
                                charges.double() / math.sqrt(3.0))
-    with pytest.raises(ValueError, match="covariance requires grad.*covariance.detach"):
-        propagator(params, torch.eye(8, dtype=torch.float64).repeat(4, 1, 1).requires_grad_())
+    # a covariance computed from tracks that require grad: detached, the hit gradients are those without it
+    tracks = params.clone().requires_grad_()
+    covariance = 1e-4 * torch.eye(8, dtype=torch.float64) * tracks[:, 7:8, None].square()
+    with_covariance = torch.autograd.grad(propagator(tracks, covariance).local.sum(), tracks)[0]
+    torch.testing.assert_close(with_covariance, torch.autograd.grad(propagator(tracks).local.sum(), tracks)[0])
     with pytest.raises(ValueError, match="cylinder radius must be positive"):
         Propagator(UniformField(), [CylinderLayer(radius=-5.0)])
     with pytest.raises(ValueError, match="thickness must be >= 0"):

@@ -426,10 +426,7 @@ class Propagator(nn.Module):
         if covariance is not None:
             check_tensor(covariance, "covariance", shape=(params.shape[0], 8, 8), dtype=params.dtype,
                          device=params.device)
-            if covariance.requires_grad and torch.is_grad_enabled():
-                raise ValueError("covariance requires grad, but the transported covariance is not differentiable "
-                                 "(returned detached): pass covariance.detach()")
-            inputs.append(covariance.reshape(-1, 64))
+            inputs.append(covariance.detach().reshape(-1, 64))  # the transported covariance is not differentiable
         if params.shape[0] == 0:
             return self._empty_result(inputs, covariance is not None)
         sampled_seed = seed is None and self.options.scattering == "sample"
@@ -642,6 +639,8 @@ def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torc
         raise ValueError("momentum must be non-zero for every track")
     if not isinstance(charge, torch.Tensor):  # a number, list or numpy array
         charge = torch.as_tensor(charge, **like)
+    if charge.numel() == 1:  # one charge for all tracks
+        charge = charge.reshape(())
     check_tensor(charge, "charge", shape=(n,) if charge.dim() else (), device=position.device)
     time = torch.zeros_like(p) if time is None else check_tensor(time, "time", shape=(n,), **like)
     charge = charge.to(position.dtype).expand(n)  # integer charges are fine

@@ -11,8 +11,8 @@ import torch
 
 from pyhybrid.nn.calorimeter import SamplingCalorimeter
 from pyhybrid.nn.detector_design import (CalorimeterDesign, EnergyRegression, History, TrackerDesign, evaluate,
-                                         fit_resolution_terms, grid_scan, material_cost, perigee_to_free,
-                                         train_jointly)
+                                         fit_regression, fit_resolution_terms, grid_scan, material_cost,
+                                         perigee_to_free, train_jointly)
 from pyhybrid.nn.propagator import CylinderLayer, Propagator, UniformField
 
 F64 = torch.float64
@@ -226,6 +226,15 @@ def test_joint_training_lowers_the_objective_and_grid_scan_restores_the_design()
     before = evaluate(design, 1024, seed=9)
     history = train_jointly(design, 25, batch=512, pretrain_steps=0, design_lr=0.1, network_lr=1e-2)
     after = evaluate(design, 1024, seed=9)
+    # each record pairs the terms with the design they were evaluated at (before the step's update)
+    assert history.design[0] == {name: before_value for name, before_value in zip(bounds, (2.0, 4.0))}
+    for record, cost in zip(history.design, history.cost):  # 12 layers, prices 1 and 2 per mm
+        assert cost == pytest.approx(12 * (record["absorber_thickness"] + 2.0 * record["active_thickness"]), rel=1e-5)
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        fit_regression(design, 0)
+    for bad in (float("nan"), -1.0, "1"):
+        with pytest.raises(ValueError, match="cost_weight must be a finite number >= 0"):
+            CalorimeterDesign(design.calorimeter, cost_weight=bad)
     assert after["loss"] < before["loss"]
     assert len(history.steps) == 25 and set(history.design[-1]) == set(bounds)
     assert all(low <= history.design[-1][name] <= high for name, (low, high) in bounds.items())

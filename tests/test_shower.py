@@ -399,6 +399,9 @@ def test_every_alpha_s_of_the_range_runs_with_a_valid_t0_and_project_moves_back_
         shower.project()
         assert shower.alpha_s.item() == pytest.approx(expected_alpha_s)
         shower(20, seed=2)  # valid again
+    for margin in (1.0, -0.5, float("nan")):  # t0 would leave the valid range (margin 1: t0 = 0)
+        with pytest.raises(ValueError, match="margin must be a number in"):
+            shower.project(margin)
 
 
 def test_module_rejects_bad_parameters_and_overflow():

@@ -174,7 +174,9 @@ class GradientEstimator(ABC):
     def __call__(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int) -> torch.Tensor:
         """Features F (n_events, K) of ``shower``'s events; backward applies this estimator."""
         _check_inputs(shower, observable_spec)
-        parameters = tuple(name for name in PARAMETERS if getattr(shower, name).requires_grad)
+        # no derivative passes where no gradient can be taken (torch.no_grad, frozen parameters)
+        parameters = tuple(name for name in PARAMETERS
+                           if torch.is_grad_enabled() and getattr(shower, name).requires_grad)
         alpha_s, t0 = shower.parameter_tensors()
         apply = kernel_function(_forward, vjp=_vjp, estimator=self, observable_spec=observable_spec,
                                 n_events=_check_count(n_events), seed=check_seed(seed),

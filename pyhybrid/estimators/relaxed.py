@@ -28,6 +28,11 @@ factor sigma(ln(t / t0) / cutoff_width), and the t0 derivative becomes the
 likelihood ratio of these factors (a different, smoothed model). With the hard
 cutoff (``cutoff_width=0``) the t0 derivative is the boundary term of
 :func:`~pyhybrid.estimators.base.boundary_derivative` on the smooth bins.
+
+Seeds: with alpha_s(mZ) among the differentiated parameters the kernel draws one more random
+number per trial, so the same seed gives other events than without it (e.g. with alpha_s frozen,
+or under ``torch.no_grad``): for common random numbers, compare runs that differentiate the same
+parameters. The score-function and Stochastic-AD estimators draw the same events either way.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from pyhybrid import engine
-from pyhybrid.kernels.backend import name_tuple
+from pyhybrid.kernels.backend import check_integer, name_tuple
 from pyhybrid.kernels.material import MATERIALS as TRACKER_MATERIALS
 from pyhybrid.kernels.material import highland_theta0
 from pyhybrid.kernels.propagation import PARTICLES
@@ -119,7 +119,13 @@ class CalorimeterDesign(nn.Module):
         self.regression = regression if regression is not None else EnergyRegression(s.n_segments, s.n_cells)
         self.regression.to(dtype=calorimeter.absorber_thickness.dtype, device=calorimeter.absorber_thickness.device)
         self.energy_range = (float(low), float(high))
-        self.cost_weight, self.absorber_price, self.active_price = cost_weight, absorber_price, active_price
+        for name, value in (("cost_weight", cost_weight), ("absorber_price", absorber_price),
+                            ("active_price", active_price)):
+            # a negative price would reward material without bound; NaN would make every loss NaN
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.cost_weight, self.absorber_price, self.active_price = (float(v) for v in (cost_weight, absorber_price,
+                                                                                        active_price))
         self.bounds = _design_bounds(calorimeter, dict(bounds or {}))
 
     def design_parameters(self) -> list[nn.Parameter]:
@@ -176,7 +182,8 @@ def _design_bounds(calorimeter: SamplingCalorimeter, given: dict) -> dict:
 
 @dataclass
 class History:
-    """Per-step record of an optimisation: design values, resolution, cost and loss."""
+    """Per-step record of an optimisation: the design values at which the step's resolution, cost and
+    loss were evaluated (before the step's update), and those three."""
 
     steps: list[int] = field(default_factory=list)
     design: list[dict[str, float]] = field(default_factory=list)
@@ -224,10 +231,10 @@ def train_jointly(design: CalorimeterDesign, steps: int, *, batch: int = 1024, d
         optimizer.zero_grad(set_to_none=True)
         terms = design(design.sample_energies(batch, generator), seed=(seed << 32) + step)
         terms["loss"].backward()
+        history.record(step, design, terms)  # the design the terms belong to, before the update
         optimizer.step()
         schedule.step()
         design.project()
-        history.record(step, design, terms)
         if callback is not None:
             callback(step, history)
     return history
@@ -237,6 +244,7 @@ def fit_regression(design: CalorimeterDesign, steps: int, *, batch: int = 4096, 
                    seed: int = 0) -> float:
     """Train only the network on one fixed simulated sample at the current design; returns the final
     training loss. The shower cells are simulated once (no design gradients needed)."""
+    check_integer(steps, "steps", 1)
     generator = torch.Generator().manual_seed(seed)
     energy = design.sample_energies(batch, generator)
     with torch.no_grad():

@@ -91,7 +91,10 @@ class PartonShower(nn.Module):
     def project(self, margin: float = 0.01) -> None:
         """Move alpha_s and t0 (in place) to the nearest valid values, e.g. after an optimiser step:
         alpha_s into ALPHA_S_RANGE, then t0 into [(1 + margin) t_min(alpha_s), (1 - margin) s/4],
-        t_min being the scale where alpha_s reaches 1."""
+        t_min being the scale where alpha_s reaches 1. ``margin`` in [0, 0.5).
+        (``Relaxed(cutoff_width > 0)`` needs t0 above this range: see its error message.)"""
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0 <= margin < 0.5:
+            raise ValueError(f"margin must be a number in [0, 0.5), got {margin!r}")
         low, high = ALPHA_S_RANGE
         self.alpha_s.clamp_(low, high)
         lowest = RunningCoupling(float(self.alpha_s)).lowest_valid_scale()

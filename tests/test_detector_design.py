@@ -232,6 +232,13 @@ def test_joint_training_lowers_the_objective_and_grid_scan_restores_the_design()
         assert cost == pytest.approx(12 * (record["absorber_thickness"] + 2.0 * record["active_thickness"]), rel=1e-5)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         fit_regression(design, 0)
+    with pytest.raises(ValueError, match="n_showers must be a positive integer"):
+        evaluate(design, 0, seed=1)
+    with pytest.raises(ValueError, match="grid values of active_thickness must be a non-empty list"):
+        grid_scan(design, {"active_thickness": []})
+    energies = torch.linspace(1.0, 100.0, 400, dtype=torch.float64)
+    with pytest.raises(ValueError, match="predicted contains NaN"):
+        fit_resolution_terms(energies, torch.full_like(energies, float("nan")))
     for bad in (float("nan"), -1.0, "1"):
         with pytest.raises(ValueError, match="cost_weight must be a finite number >= 0"):
             CalorimeterDesign(design.calorimeter, cost_weight=bad)

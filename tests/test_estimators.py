@@ -153,6 +153,10 @@ def test_bad_input_is_rejected():
         Relaxed(cutoff_width=2.0)
     with pytest.raises(ValueError, match="cutoff_width must be a number in"):
         Relaxed(cutoff_width="0.1")
+    with pytest.raises(ValueError, match="cutoff_width must be a number in"):
+        Relaxed(cutoff_width=True)
+    with pytest.raises(ValueError, match="likelihood_ratio must be True or False"):
+        Relaxed(likelihood_ratio="no")
     with pytest.raises(ValueError, match="bin_width must be a positive finite number"):
         Relaxed(bin_width=math.inf)
     for edges in ("ab", b"01", ["0", "1"]):

@@ -402,6 +402,9 @@ def test_every_alpha_s_of_the_range_runs_with_a_valid_t0_and_project_moves_back_
     for margin in (1.0, -0.5, float("nan")):  # t0 would leave the valid range (margin 1: t0 = 0)
         with pytest.raises(ValueError, match="margin must be a number in"):
             shower.project(margin)
+    assert PartonShower(alpha_s=torch.tensor(0.12)).alpha_s.item() == pytest.approx(0.12)  # a 0-d tensor is a number
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
+        PartonShower(dtype=torch.float16)
 
 
 def test_module_rejects_bad_parameters_and_overflow():

@@ -69,8 +69,10 @@ class Relaxed(GradientEstimator):
         if bin_width is not None and not (isinstance(bin_width, numbers.Real) and not isinstance(bin_width, bool)
                                           and 0 < bin_width < math.inf):
             raise ValueError(f"bin_width must be a positive finite number or None, got {bin_width!r}")
-        if not (isinstance(cutoff_width, numbers.Real) and 0.0 <= cutoff_width <= 1.0):
+        if isinstance(cutoff_width, bool) or not (isinstance(cutoff_width, numbers.Real) and 0.0 <= cutoff_width <= 1.0):
             raise ValueError(f"cutoff_width must be a number in [0, 1], got {cutoff_width!r}")
+        if not isinstance(likelihood_ratio, bool):
+            raise ValueError(f"likelihood_ratio must be True or False, got {likelihood_ratio!r}")
         self.bin_width = bin_width
         self.likelihood_ratio = bool(likelihood_ratio)
         self.cutoff_width = float(cutoff_width)

@@ -262,6 +262,7 @@ def fit_regression(design: CalorimeterDesign, steps: int, *, batch: int = 4096, 
 @torch.no_grad()
 def evaluate(design: CalorimeterDesign, n_showers: int, seed: int) -> dict[str, float]:
     """Objective terms on ``n_showers`` showers with fixed random numbers (common across designs)."""
+    check_integer(n_showers, "n_showers", 1)
     energy = design.sample_energies(n_showers, torch.Generator().manual_seed(seed))
     return {key: float(value) for key, value in design(energy, seed=seed).items()}
 
@@ -287,6 +288,9 @@ def grid_scan(design: CalorimeterDesign, grid: Mapping[str, Iterable[float]], *,
         raise ValueError(f"grid names {sorted(set(names) - trainable)} are not design parameters (trainable fields "
                          f"of the calorimeter): {sorted(trainable)}")
     axes = [torch.as_tensor(list(values), dtype=torch.float64) for values in grid.values()]
+    for name, axis in zip(names, axes):
+        if axis.dim() != 1 or axis.numel() == 0 or not bool(torch.isfinite(axis).all()):
+            raise ValueError(f"grid values of {name} must be a non-empty list of finite numbers, got {axis.tolist()}")
     mesh = torch.cartesian_prod(*axes).reshape(-1, len(axes))
     saved = {name: design.calorimeter.get_parameter(name).detach().clone() for name in names}
     network = copy.deepcopy(design.regression.state_dict())
@@ -321,6 +325,14 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
     fit of the binned variances with relative weights (exact: the best of the unconstrained fits on every
     subset of terms)."""
     energy, predicted = energy.detach().double().cpu(), predicted.detach().double().cpu()
+    if energy.shape != predicted.shape or energy.dim() != 1:
+        raise ValueError(f"energy and predicted must be (N,) tensors of one shape, got {tuple(energy.shape)} "
+                         f"and {tuple(predicted.shape)}")
+    for name, values in (("energy", energy), ("predicted", predicted)):
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    if not bool((energy > 0).all()):
+        raise ValueError("energy must be positive [GeV]")
     edges = torch.logspace(math.log10(float(energy.min())), math.log10(float(energy.max())) + 1e-9, bins + 1,
                            dtype=torch.float64)
     rows, variances = [], []

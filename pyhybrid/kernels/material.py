@@ -34,8 +34,8 @@ from pyhybrid.kernels import dual as dm
 from pyhybrid.units import ELECTRON_MASS
 
 __all__ = ["Material", "SILICON", "BERYLLIUM", "ALUMINIUM", "MATERIALS", "K_BETHE", "density_correction",
-           "mass_stopping_power", "stopping_power", "highland_theta0", "energy_loss_sigma", "interact",
-           "Interaction"]
+           "energy_over_momentum", "mass_stopping_power", "stopping_power", "highland_theta0", "energy_loss_sigma",
+           "interact", "Interaction"]
 
 #: 4 pi N_A r_e^2 m_e c^2 [MeV mol^-1 cm^2].
 K_BETHE = 0.307075
@@ -80,6 +80,13 @@ SILICON = Material("silicon", 93.70, 14.0 / 28.0855, 2.329, 173.0, (0.1492, 3.25
 BERYLLIUM = Material("beryllium", 352.8, 4.0 / 9.012, 1.848, 63.7, (0.8039, 2.4339, 0.0592, 1.6922, 2.7847, 0.14))
 ALUMINIUM = Material("aluminium", 88.97, 13.0 / 26.98, 2.699, 166.0, (0.0802, 3.6345, 0.1708, 3.0127, 4.2395, 0.12))
 MATERIALS = {m.name: m for m in (SILICON, BERYLLIUM, ALUMINIUM)}
+
+
+def energy_over_momentum(qop, mass: float, charge: float):
+    """E/p = sqrt(1 + (m (q/p) / q)^2) from q/p [e/GeV] and the absolute charge q [e]: 1 for q/p = 0,
+    finite also where p^2 would overflow."""
+    mass_over_charge = mass / charge
+    return dm.sqrt(1.0 + (mass_over_charge * mass_over_charge) * qop * qop)
 
 
 def _kinematics(p, mass):
@@ -170,8 +177,8 @@ def interact(direction, qop, normal, thickness, material: Material, mass: float,
     sigma_e = dm.value(energy_loss_sigma(material, path, p, mass, charge))
     pv, qv = dm.value(p), dm.value(safe_qop)
     # d(q/p)/dE = -(q/p) (E/p) / p, with E/p and 1/p from q/p: finite where p^2 overflows
-    e_over_p = dr.sqrt(1.0 + dr.square(mass / charge * qv))
-    qop_variance = dr.select(neutral, 0.0, dr.square(qv * e_over_p * (dr.abs(qv) / charge) * sigma_e))
+    qop_variance = dr.select(neutral, 0.0, dr.square(qv * energy_over_momentum(qv, mass, charge)
+                                                     * (dr.abs(qv) / charge) * sigma_e))
     stopped = dr.zeros(dr.mask_t(pv), dr.width(pv))
     new_qop = qop
     if energy_loss:

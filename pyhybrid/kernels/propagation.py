@@ -54,7 +54,7 @@ import drjit as dr
 
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import KernelTypes, check_integer, types_of
-from pyhybrid.kernels.material import Material, interact
+from pyhybrid.kernels.material import Material, energy_over_momentum, interact
 from pyhybrid.kernels.steppers import RK4, AdaptiveRKN, TangentColumn, nystrom_step
 from pyhybrid.kernels.surfaces import NO_INTERSECTION, Cylinder, Disk, Plane
 from pyhybrid.units import B_CURVATURE, MUON_MASS, PION_MASS, SPEED_OF_LIGHT
@@ -443,8 +443,7 @@ def _scaled_column(column, factor):
 
 def _inverse_speed(qop, particle: Particle):
     """dt/ds = E / (p c) [ns/mm] from q/p (1/c for q/p = 0)."""
-    mass_over_charge = particle.mass / particle.charge
-    return dm.sqrt(1.0 + (mass_over_charge * mass_over_charge) * qop * qop) * (1.0 / SPEED_OF_LIGHT)
+    return energy_over_momentum(qop, particle.mass, particle.charge) * (1.0 / SPEED_OF_LIGHT)
 
 
 def _snap(field, target, loop: _Loop, r, t, qop, t0, a, particle: Particle):

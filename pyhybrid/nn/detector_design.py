@@ -324,13 +324,8 @@ def fit_resolution_terms(energy: torch.Tensor, predicted: torch.Tensor, bins: in
     Returns ``{"stochastic": a [GeV^1/2], "noise": b [GeV], "constant": c}``: the non-negative least-squares
     fit of the binned variances with relative weights (exact: the best of the unconstrained fits on every
     subset of terms)."""
-    energy, predicted = energy.detach().double().cpu(), predicted.detach().double().cpu()
-    if energy.shape != predicted.shape or energy.dim() != 1:
-        raise ValueError(f"energy and predicted must be (N,) tensors of one shape, got {tuple(energy.shape)} "
-                         f"and {tuple(predicted.shape)}")
-    for name, values in (("energy", energy), ("predicted", predicted)):
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError(f"{name} contains NaN or infinite values")
+    energy = engine.check_tensor(energy, "energy", shape=(None,)).detach().double().cpu()
+    predicted = engine.check_tensor(predicted, "predicted", shape=tuple(energy.shape)).detach().double().cpu()
     if not bool((energy > 0).all()):
         raise ValueError("energy must be positive [GeV]")
     edges = torch.logspace(math.log10(float(energy.min())), math.log10(float(energy.max())) + 1e-9, bins + 1,

@@ -8,7 +8,8 @@ m = 1000.0
 ns = 1.0
 T = 1.0
 
-#: Curvature constant: p_T [GeV] = B_CURVATURE * B [T] * R [m]; here per mm: 0.299792458e-3 GeV/(T mm).
+#: Curvature constant per mm: p_T [GeV] = B_CURVATURE * B [T] * R [mm], 0.299792458e-3 GeV/(T mm)
+#: (= 0.299792458 GeV/(T m)).
 B_CURVATURE = 0.299792458e-3
 SPEED_OF_LIGHT = 299.792458  # mm/ns
 ELECTRON_MASS = 0.51099895e-3  # GeV

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyhybrid.kernels import fields
-from pyhybrid.kernels.material import SILICON, highland_theta0, mass_stopping_power
+from pyhybrid.kernels.material import SILICON, energy_loss_sigma, highland_theta0, interact, mass_stopping_power
 from pyhybrid.kernels.propagation import Layer, PropagationOptions, propagate_layers
 from pyhybrid.kernels.steppers import RK4
 from pyhybrid.kernels.surfaces import Disk
@@ -24,12 +24,18 @@ def _momentum(kinetic):
     return math.sqrt(energy ** 2 - MUON_MASS ** 2)
 
 
+# The table's ionisation column also holds the spin-1/2 term (1/8)(W_max/E)^2 and bremsstrahlung off atomic
+# electrons, which the Bethe formula here omits: -1.0 % at 10 GeV, -2.6 % at 100 GeV (docs/propagation.md).
+# A 10 % error in the mean excitation energy I moves the two low-energy points by ~1 %.
+BETHE_TOLERANCE = {0.1: 0.005, 1.0: 0.005, 10.0: 0.015, 100.0: 0.03}
+
+
 @pytest.mark.parametrize("kinetic, pdg", PDG_MUON_SILICON)
 def test_muon_stopping_power_in_silicon_matches_pdg_table(kinetic, pdg):
     value = mass_stopping_power(SILICON, F64.Float(_momentum(kinetic)), MUON_MASS)[0]
-    assert value == pytest.approx(pdg, rel=0.05)
-    if kinetic <= 10.0:  # above, the PDG table adds radiative corrections to the Bethe formula
-        assert value == pytest.approx(pdg, rel=0.015)
+    assert value == pytest.approx(pdg, rel=BETHE_TOLERANCE[kinetic])
+    if kinetic >= 10.0:
+        assert value < pdg  # the omitted terms are positive (below, smaller than the table's rounding)
 
 
 def test_minimum_ionisation_in_silicon():
@@ -47,6 +53,26 @@ def test_highland_formula():
     assert highland_theta0(SILICON, F64.Float(path), F64.Float(p), MUON_MASS)[0] == pytest.approx(expected, rel=1e-12)
 
 
+def test_energy_loss_straggling_width_and_its_q_over_p_variance():
+    """sigma_E = 4 xi / 2.355 with xi = K/2 (Z/A) rho x / beta^2 (Landau FWHM, as ACTS), written out here with
+    the PDG silicon constants; the q/p variance is (d(q/p)/dE)^2 sigma_E^2, its derivative by finite differences."""
+    p, path = 2.0, 0.3
+    energy = math.hypot(p, MUON_MASS)
+    xi = 0.5 * 0.307075 * (14.0 / 28.0855) * (2.329 * 0.1 * path) / (p / energy) ** 2 * 1e-3    # GeV
+    sigma = 4.0 * xi / 2.3548200450309493
+    assert energy_loss_sigma(SILICON, F64.Float(path), F64.Float(p), MUON_MASS)[0] == pytest.approx(sigma, rel=1e-9)
+    assert xi * (p / energy) ** 2 == pytest.approx(5.346e-6, rel=1e-3)   # 5.35 keV / beta^2 for 300 um of Si
+
+    def qop(e):
+        return -1.0 / math.sqrt(e * e - MUON_MASS ** 2)
+
+    step = 1e-6
+    derivative = (qop(energy + step) - qop(energy - step)) / (2 * step)
+    normal = tuple(F64.Float(v) for v in (0.0, 0.0, 1.0))
+    result = interact(normal, F64.Float(qop(energy)), normal, F64.Float(path), SILICON, MUON_MASS, 1.0)
+    assert result.qop_variance[0] == pytest.approx((derivative * sigma) ** 2, rel=1e-6)
+
+
 def _disks_in_vacuum(starts, thickness, *, scattering="none", energy_loss=True, seed=0, covariance=None):
     """Tracks along +z through a silicon disk at z = 100 to a bare disk at z = 1100 (no field)."""
     layers = [Layer(Disk(r_max=1e4), SILICON), Layer(Disk(r_max=1e4))]
@@ -57,7 +83,8 @@ def _disks_in_vacuum(starts, thickness, *, scattering="none", energy_loss=True, 
 
 
 def test_mean_energy_loss_is_applied_along_the_path_in_the_layer():
-    p, thickness = 1.0, 5.0
+    kinetic, pdg = PDG_MUON_SILICON[1]
+    p, thickness = _momentum(kinetic), 5.0
     tilt = 0.5                                             # incidence angle [rad]
     starts = [[0, 0, 0, 0, 0, 0, 1, 1 / p], [0, 0, 0, 0, math.sin(tilt), 0, math.cos(tilt), -1 / p]]
     hits = _disks_in_vacuum(starts, thickness)
@@ -67,8 +94,8 @@ def test_mean_energy_loss_is_applied_along_the_path_in_the_layer():
         energy = math.hypot(p, MUON_MASS) - dedx * path
         assert abs(qop) == pytest.approx(1.0 / math.sqrt(energy ** 2 - MUON_MASS ** 2), rel=1e-12)
         loss = math.hypot(p, MUON_MASS) - math.hypot(1.0 / qop, MUON_MASS)
-        pdg_loss = 1.803 * SILICON.density * 0.1 * path * 1e-3          # table value at T = 1 GeV [GeV]
-        assert loss == pytest.approx(pdg_loss, rel=0.02)
+        pdg_loss = pdg * SILICON.density * 0.1 * path * 1e-3          # table value [MeV cm^2/g] -> GeV
+        assert loss == pytest.approx(pdg_loss, rel=0.005)
     assert np.sign(qop_after).tolist() == [1.0, -1.0]
 
 

@@ -82,6 +82,8 @@ class AdaptiveRKN:
     A step of size h is accepted when the local error estimate
     h^2 |k1 - k2 - k3 + k4|_1 <= ``tolerance`` [mm]; the next trial size is
     h * clip((tolerance / error)^(1/4), 0.25, 4), limited to [min_step, max_step].
+    (ACTS' current EigenStepper scales the same way but accepts errors up to 4 x its
+    stepTolerance; older ACTS versions scaled with (tolerance / 2 error)^(1/4).)
     A rejected step is retried with the smaller size. Steps at ``min_step`` are
     accepted whatever their error (so a lane can never stall).
     """

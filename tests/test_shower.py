@@ -347,6 +347,39 @@ def test_distributions_agree_with_scalar_python_reference(reference_sample, prec
     assert kernel[2].mean() == pytest.approx(mean_ref, abs=4 * error)
 
 
+def _no_emission_probability(alpha_s, t0, sqrt_s, n_nodes=400):
+    """Sudakov factor of the q qbar pair: the probability that neither end emits above t0, by quadrature
+    of the documented q -> q g dipole kernel (docs/shower.md) over ln t in [ln t0, ln(s/4)] and
+    w = ln(z / (1 - z)) over z (1 - z) >= t / s (Gauss-Legendre in both)."""
+    s = sqrt_s**2
+    coupling = RunningCoupling(alpha_s)
+    nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
+    low, high = math.log(t0), math.log(s / 4.0)
+    exponent = 0.0
+    for x, weight in zip(nodes, weights):
+        t = math.exp(0.5 * (high - low) * x + 0.5 * (high + low))
+        z_plus = 0.5 * (1.0 + math.sqrt(1.0 - 4.0 * t / s))
+        half_range = math.log(z_plus / (1.0 - z_plus))
+        z = 1.0 / (1.0 + np.exp(-half_range * nodes))
+        y = t / (z * (1.0 - z) * s)
+        kernel = ref.CF * (2.0 / (1.0 - z * (1.0 - y)) - (1.0 + z)) * (1.0 - y)
+        z_integral = half_range * np.sum(weights * z * (1.0 - z) * kernel)
+        exponent += 0.5 * (high - low) * weight * coupling(t) / (2.0 * math.pi) * z_integral
+    return math.exp(-2.0 * exponent)  # two dipole ends
+
+
+@pytest.mark.parametrize("t0", [1.0, 10.0, 100.0])
+def test_fraction_without_emission_is_the_analytic_sudakov_factor(t0):
+    """Events that keep the two quarks (no emission above t0) vs the quadrature: tests the veto algorithm,
+    the overestimate's z range, the (1 - y) factor and the kernel together, independently of the reference."""
+    n = 100_000
+    result = run_shower(kernel_types("cpu", "float64"), n, ShowerSettings(t0=t0), seed=11)
+    fraction = float(np.mean(result.n_particles.numpy() == 2))
+    expected = _no_emission_probability(0.118, t0, 91.2)
+    assert 0.04 < expected < 0.8                     # 0.047, 0.356, 0.795
+    assert fraction == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - expected) / n))
+
+
 def test_distribution_test_detects_a_different_alpha_s(reference_sample):
     chi2, ndf = _chi2s(_kernel_sample(0.135), reference_sample)["log10 y23"]
     assert chi2 / ndf > 4.0

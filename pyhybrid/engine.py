@@ -32,9 +32,11 @@ from torch.autograd import forward_ad
 from pyhybrid.kernels.backend import KernelTypes, check_integer, cuda_available, kernel_types, llvm_version
 
 __all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
-           "autocast_input", "empty_batch", "to_drjit", "to_torch", "kernel_function"]
+           "autocast_input", "empty_batch", "to_drjit", "to_torch", "kernel_function", "KERNEL_DTYPES"]
 
 _DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
+#: The dtypes the kernels run in.
+KERNEL_DTYPES = tuple(_DTYPE_TO_PRECISION)
 
 # ---------------------------------------------------------------- device / threads
 
@@ -52,7 +54,7 @@ def get_threads() -> int:
 def types_for(device: str | torch.device, dtype: torch.dtype, name: str = "tensor") -> KernelTypes:
     """Dr.Jit types for a torch device and dtype (float32 or float64) of the argument ``name``."""
     device = torch.device(device)
-    if dtype not in _DTYPE_TO_PRECISION:
+    if dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name} must have dtype torch.float32 or torch.float64, got {dtype}")
     if device.type == "cuda" and device.index not in (None, 0):
         # Dr.Jit's CUDA backend runs on the first visible GPU; a kernel there cannot use another GPU's memory.
@@ -69,13 +71,14 @@ def check_tensor(
     name: str,
     *,
     shape: Sequence[int | None] | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
     device: torch.device | str | None = None,
     finite: bool = True,
 ) -> torch.Tensor:
     """Validate a tensor argument and return it; errors name the argument.
 
-    ``shape`` entries of None match any size. ``finite`` rejects NaN/inf.
+    ``shape`` entries of None match any size; ``dtype``: one dtype or a tuple of the allowed ones
+    (e.g. :data:`KERNEL_DTYPES`). ``finite`` rejects NaN/inf.
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -86,8 +89,9 @@ def check_tensor(
         if not ok:
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
-    if dtype is not None and value.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
+    allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+    if dtype is not None and value.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {' or '.join(map(str, allowed))}, got {value.dtype}")
     if device is not None and value.device.type != torch.device(device).type:
         raise ValueError(f"{name} must be on device {torch.device(device).type}, got {value.device}")
     if finite and value.is_floating_point() and not _all_finite(value.detach()):

@@ -211,6 +211,38 @@ def test_gradcheck_expected_cells():
     assert torch.autograd.gradcheck(cells_of_design, values, eps=1e-6, atol=1e-8, rtol=1e-5, fast_mode=True)
 
 
+def test_gradcheck_sampled_cells_in_energy_and_impact():
+    calo = small_calorimeter()
+    energy = torch.tensor([3.0, 20.0], dtype=F64, requires_grad=True)
+    impact = torch.tensor([[1.0, -3.0], [5.0, 2.0]], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, i: calo(e, i, seed=9), (energy, impact), eps=1e-6, atol=1e-8,
+                                    rtol=1e-5, fast_mode=True)
+
+
+class _CellsAndMedium(torch.nn.Module):
+    def __init__(self, calo):
+        super().__init__()
+        self.calo = calo
+
+    def forward(self, energy, impact):
+        medium = torch.stack(list(self.calo.medium().values()))
+        return torch.cat([self.calo(energy, impact, seed=9).flatten(), medium, self.calo.stochastic_term()[None]])
+
+
+def test_gradcheck_the_other_design_fields():
+    """The design fields that small_calorimeter does not train, through the cells, medium() and stochastic_term()."""
+    names = ("sampling_coefficient", "absorber_density", "absorber_atomic_number", "absorber_mip_dedx",
+             "absorber_moliere_radius", "active_radiation_length")
+    module = _CellsAndMedium(small_calorimeter(trainable=names))
+    energy, impact = torch.tensor([3.0, 20.0], dtype=F64), torch.tensor([[1.0, -3.0], [5.0, 2.0]], dtype=F64)
+
+    def outputs(*values):
+        return torch.func.functional_call(module, {f"calo.{n}": v for n, v in zip(names, values)}, (energy, impact))
+
+    values = tuple(module.calo.get_parameter(name).detach().clone().requires_grad_() for name in names)
+    assert torch.autograd.gradcheck(outputs, values, eps=1e-6, atol=1e-8, rtol=1e-5, fast_mode=True)
+
+
 def test_vjp_with_the_forward_means_equals_the_recomputing_vjp():
     """The module keeps the forward's expected cells for its VJP (cell_energies_and_means) instead of
     computing them again: same cells and the same gradients, bit for bit."""
@@ -277,6 +309,8 @@ def test_bad_inputs_raise_clear_errors():
         calo(torch.tensor([0.01], dtype=F64))
     with pytest.raises(TypeError, match="energy must have dtype torch.float64"):
         calo(good.float())
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
+        small_calorimeter(dtype=torch.float16)
     with pytest.raises(ValueError, match=r"impact must have shape \(1, 2\)"):
         calo(good, torch.zeros(1, 3, dtype=F64))
     with pytest.raises(ValueError, match="unknown material 'unobtainium'"):

@@ -265,3 +265,36 @@ def test_fit_resolution_terms_recovers_known_terms():
     assert terms["stochastic"] == pytest.approx(0.1, rel=0.05)
     assert terms["noise"] == pytest.approx(0.3, rel=0.1)
     assert terms["constant"] == pytest.approx(0.02, rel=0.1)
+
+
+def test_tracker_resolution_gradients_in_the_track_inputs_and_resolution_z():
+    tracker = TrackerDesign(RADII, thickness=0.3, resolution_rphi=0.01, resolution_z=0.05)
+    module = _Resolutions(tracker)
+    pt, eta = tensor(0.8, 5.0).requires_grad_(), tensor(0.3, 1.2).requires_grad_()
+
+    def resolutions(pt, eta, resolution_z):
+        return torch.func.functional_call(module, {"tracker.resolution_z": resolution_z}, (pt, eta))
+
+    resolution_z = tracker.resolution_z.detach().clone().requires_grad_()
+    # d/d pt and eta go through the propagator (accurate to ~1e-5 relative): tolerance 2e-3.
+    assert torch.autograd.gradcheck(resolutions, (pt, eta, resolution_z), eps=1e-5, atol=1e-8, rtol=2e-3,
+                                    fast_mode=True)
+
+
+def test_empty_batches_of_the_design_objectives():
+    resolutions = TrackerDesign(RADII).resolutions(tensor(), tensor())
+    assert all(value.shape == (0,) for value in resolutions.values())
+    design = CalorimeterDesign(SamplingCalorimeter(n_layers=4, dtype=F64))
+    with pytest.raises(ValueError, match="resolution of an empty batch is undefined"):
+        design(torch.zeros(0, dtype=F64), seed=1)
+
+
+def test_energy_regression_rejects_bad_inputs():
+    regression = EnergyRegression(4, 5).double()
+    fraction = torch.tensor(0.1, dtype=F64)
+    with pytest.raises(ValueError, match=r"cells must have shape \(\*, 4, 5, 5\)"):
+        regression(torch.rand(3, 4, 4, 3, dtype=F64), fraction)
+    with pytest.raises(TypeError, match="cells must have dtype torch.float64"):
+        regression(torch.rand(3, 4, 5, 5), fraction)
+    with pytest.raises(ValueError, match="visible_fraction must be positive"):
+        regression(torch.rand(3, 4, 5, 5, dtype=F64), torch.tensor(0.0, dtype=F64))

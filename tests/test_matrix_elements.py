@@ -14,7 +14,7 @@ from pyhybrid.kernels.electroweak import DEFAULTS, GF, SMParameters, alpha_from_
 from pyhybrid.kernels.hard_process import HardProcess
 from pyhybrid.kernels.matrix_elements import CF, GEV2_TO_PB, get_process
 from pyhybrid.nn.matrix_element import (_SUM_BLOCK, DifferentialCrossSection, MatrixElement, TwoBodyCrossSection,
-                                        rambo_momenta)
+                                        rambo_momenta, two_body_momenta)
 
 T64 = kernel_types("cpu", "float64")
 PARAMETER_NAMES = ("mz", "gamma_z", "alpha", "sin2_theta_w", "alpha_s", "top_mass")
@@ -421,3 +421,30 @@ def test_empty_batches_give_empty_results_with_zero_gradients():
         assert first.grad is not None and first.grad.shape == first.shape
         for name, parameter in module.named_parameters():
             assert parameter.grad is not None and parameter.grad == 0, name
+
+
+def test_two_body_momenta_empty_batch_and_dtype_errors():
+    empty = torch.zeros(0, dtype=torch.float64)
+    momenta, density = two_body_momenta(100.0, 1.0, 2.0, empty, empty)
+    assert momenta.shape == (0, 4, 4) and density.shape == (0,)
+    with pytest.raises(TypeError, match="cos_theta must have dtype torch.float32 or torch.float64"):
+        two_body_momenta(100.0, 1.0, 2.0, torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("process, scheme", [("qq_tt", "alpha"), ("ee_mumu", "gf"), ("ee_qq", "alpha")])
+def test_gradcheck_two_body_cross_section_parameters(process, scheme):
+    """d sigma / d cos theta with respect to the angles, a per-event sqrt(s) and all six parameters."""
+    options = {"gf": GF} if scheme == "gf" else {}
+    module = TwoBodyCrossSection(process, **options).double()
+    names = [name for name, _ in module.named_parameters()]
+    assert len(names) == 6
+    top = process == "qq_tt"
+    cos_theta = torch.tensor([-0.8, 0.1, 0.7], dtype=torch.float64, requires_grad=True)
+    sqrt_s = torch.tensor([420.0, 500.0, 900.0] if top else [60.0, 91.0, 120.0], dtype=torch.float64,
+                          requires_grad=True)
+
+    def sigma(c, r, *values):
+        return torch.func.functional_call(module, dict(zip(names, values)), (c, r))
+
+    values = tuple(p.detach().clone().requires_grad_() for p in module.parameters())
+    assert torch.autograd.gradcheck(sigma, (cos_theta, sqrt_s, *values), eps=1e-7, atol=1e-10, rtol=1e-5)

@@ -163,3 +163,15 @@ def test_field_map_rejects_bad_input():
         GridField(torch.zeros(2, 2, 2, 3), origin=(0, 0, 0), spacing=(1, 0, 1))
     with pytest.raises(ValueError, match="points must have shape"):
         GridField(torch.zeros(2, 2, 2, 3), origin=(0, 0, 0), spacing=(1, 1, 1))(torch.zeros(4, 2))
+
+
+def test_field_map_empty_batch_and_dtype_errors():
+    grid = GridField(torch.rand(3, 3, 3, 3, dtype=torch.float64), origin=(0, 0, 0), spacing=(1, 1, 1),
+                     trainable_values=True)
+    out = grid(torch.zeros(0, 3, dtype=torch.float64))
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert grid.values.grad is not None and not grid.values.grad.any()
+    for dtype in (torch.float16, torch.int64):
+        with pytest.raises(TypeError, match="points must have dtype torch.float32 or torch.float64"):
+            grid(torch.zeros(2, 3, dtype=dtype))

@@ -67,6 +67,12 @@ class EnergyRegression(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, cells: torch.Tensor, visible_fraction: torch.Tensor) -> torch.Tensor:
+        weight = self.mlp[0].weight
+        engine.check_tensor(cells, "cells", shape=(None, self.n_segments, self.n_cells, self.n_cells),
+                            dtype=weight.dtype, device=weight.device)
+        engine.check_tensor(visible_fraction, "visible_fraction", shape=(), dtype=weight.dtype)
+        if not float(visible_fraction.detach()) > 0:
+            raise ValueError(f"visible_fraction must be positive, got {float(visible_fraction.detach())}")
         flat = cells.flatten(1)
         visible = flat.sum(1, keepdim=True)
         calibrated = visible / visible_fraction
@@ -77,6 +83,8 @@ class EnergyRegression(nn.Module):
 
 def relative_resolution(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """Root-mean-square relative error sqrt(<((predicted - true) / true)^2>) (bias included)."""
+    if true.numel() == 0:
+        raise ValueError("the resolution of an empty batch is undefined: pass at least one energy")
     return torch.sqrt((((predicted - true) / true) ** 2).mean())
 
 
@@ -567,8 +575,11 @@ class TrackerDesign(nn.Module):
                          / position[..., :2].norm(dim=-1)).abs().clamp(min=1e-3)
         paths = self._thicknesses()[None, :] / cos_incidence
         momenta = 1.0 / centre[..., 4].abs()
-        theta0 = torch.stack([_highland_fn(paths[:, j].contiguous(), momenta[:, j].contiguous(), material=m,
-                                           mass=self.mass) for j, m in enumerate(self.materials)], dim=1)
+        if n == 0:  # (a kernel cannot combine an empty array with its constants)
+            theta0 = engine.empty_batch((0, n_all), paths)
+        else:
+            theta0 = torch.stack([_highland_fn(paths[:, j].contiguous(), momenta[:, j].contiguous(), material=m,
+                                               mass=self.mass) for j, m in enumerate(self.materials)], dim=1)
         scattering = (theta0 ** 2).repeat_interleave(2, dim=1)  # (n, 2L)
 
         measured = torch.ones(n_all, dtype=torch.bool, device=pt.device)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyhybrid.engine import autocast_input, check_tensor, empty_batch, kernel_function
+from pyhybrid.engine import KERNEL_DTYPES, autocast_input, check_tensor, empty_batch, kernel_function
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
@@ -469,7 +469,7 @@ def two_body_momenta(sqrt_s, mass_a, mass_b, cos_theta: torch.Tensor, phi: torch
     cos_theta, phi: (N,) angles of outgoing particle a.
     Returns (momenta (N, 4, 4): beams along +-z then a, b; density (N,) = dPhi_2/(dcos theta dphi)).
     """
-    check_tensor(cos_theta, "cos_theta", shape=(None,))
+    check_tensor(cos_theta, "cos_theta", shape=(None,), dtype=KERNEL_DTYPES)
     check_tensor(phi, "phi", shape=cos_theta.shape, dtype=cos_theta.dtype, device=cos_theta.device)
     if bool((cos_theta.detach().abs() > 1).any()):
         raise ValueError("cos_theta must lie in [-1, 1]")
@@ -481,7 +481,10 @@ def two_body_momenta(sqrt_s, mass_a, mass_b, cos_theta: torch.Tensor, phi: torch
     if sqrt_s_value <= mass_a_value + mass_b_value:
         raise ValueError(f"sqrt_s = {sqrt_s_value:.6g} GeV is below threshold mass_a + mass_b = "
                          f"{mass_a_value + mass_b_value:.6g} GeV")
-    columns, density = _two_body_function(sqrt_s, mass_a, mass_b, cos_theta, phi)
+    inputs = (sqrt_s, mass_a, mass_b, cos_theta, phi)
+    if cos_theta.shape[0] == 0:
+        return empty_batch((0, 4, 4), *inputs), empty_batch((0,), *inputs)
+    columns, density = _two_body_function(*inputs)
     return columns.reshape(-1, 4, 4), density
 
 

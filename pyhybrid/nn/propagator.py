@@ -41,7 +41,7 @@ import drjit as dr
 import torch
 from torch import nn
 
-from pyhybrid.engine import autocast_input, check_tensor, empty_batch, kernel_function, types_for
+from pyhybrid.engine import KERNEL_DTYPES, autocast_input, check_tensor, empty_batch, kernel_function, types_for
 from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
@@ -157,9 +157,11 @@ class GridField(nn.Module):
     @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """B [T] at points (N, 3) [mm]; zero outside the grid."""
-        check_tensor(points, "points", shape=(None, 3))
+        check_tensor(points, "points", shape=(None, 3), dtype=KERNEL_DTYPES)
         values = self.values.to(device=points.device, dtype=points.dtype)
         scale = self.scale.to(device=points.device, dtype=points.dtype).reshape(1)
+        if points.shape[0] == 0:
+            return empty_batch((0, 3), points, values, scale)
         return _FIELD_LOOKUP(points, values, scale, grid=self)
 
 

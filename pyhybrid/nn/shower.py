@@ -83,7 +83,8 @@ class PartonShower(nn.Module):
         super().__init__()
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        alpha_s, t0 = (float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in (alpha_s, t0))
+        alpha_s, t0 = (float(v.detach()) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                       for v in (alpha_s, t0))
         settings = ShowerSettings(alpha_s_mz=alpha_s, t0=t0, sqrt_s=sqrt_s, max_particles=max_particles)
         self.alpha_s = nn.Parameter(torch.tensor(settings.alpha_s_mz, dtype=dtype, device=device))
         self.t0 = nn.Parameter(torch.tensor(settings.t0, dtype=dtype, device=device))

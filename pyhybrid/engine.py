@@ -32,7 +32,8 @@ from torch.autograd import forward_ad
 from pyhybrid.kernels.backend import KernelTypes, check_integer, cuda_available, kernel_types, llvm_version
 
 __all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
-           "autocast_input", "empty_batch", "to_drjit", "to_torch", "kernel_function", "KERNEL_DTYPES"]
+           "autocast_input", "empty_batch", "to_drjit", "to_torch", "kernel_function", "KERNEL_DTYPES",
+           "check_kernel_dtype"]
 
 _DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
 #: The dtypes the kernels run in.
@@ -49,6 +50,13 @@ def set_threads(n: int) -> None:
 def get_threads() -> int:
     """Number of CPU worker threads Dr.Jit's LLVM backend uses."""
     return dr.thread_count()
+
+
+def check_kernel_dtype(dtype, name: str = "dtype") -> torch.dtype:
+    """A module's ``dtype`` argument, which must be one the kernels run in (float32 or float64)."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} must be torch.float32 or torch.float64, got {dtype}")
+    return dtype
 
 
 def types_for(device: str | torch.device, dtype: torch.dtype, name: str = "tensor") -> KernelTypes:

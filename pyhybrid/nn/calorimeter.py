@@ -107,8 +107,7 @@ class SamplingCalorimeter(nn.Module):
                  trainable: Iterable[str] = ("absorber_thickness", "active_thickness"),
                  quadrature_points: int = 6, dtype: torch.dtype = torch.float32):
         super().__init__()
-        if dtype not in engine.KERNEL_DTYPES:
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        engine.check_kernel_dtype(dtype)
         self.segmentation = Segmentation(n_layers, layers_per_segment, n_cells)
         self.quadrature_points = check_integer(quadrature_points, "quadrature_points", 1, 32)
         design = Design.from_materials(_material(absorber), _material(active),

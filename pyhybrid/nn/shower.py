@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_tensor, to_drjit, types_for
+from pyhybrid.engine import check_kernel_dtype, check_tensor, to_drjit, types_for
 from pyhybrid.kernels.backend import check_integer, check_seed
 from pyhybrid.kernels.observables import event_shapes as _event_shapes
 from pyhybrid.kernels.alphas import RunningCoupling
@@ -81,8 +81,7 @@ class PartonShower(nn.Module):
     def __init__(self, alpha_s: float = 0.118, t0: float = 1.0, *, sqrt_s: float = 91.2, max_particles: int = 64,
                  dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
         super().__init__()
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        check_kernel_dtype(dtype)
         alpha_s, t0 = (float(v.detach()) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
                        for v in (alpha_s, t0))
         settings = ShowerSettings(alpha_s_mz=alpha_s, t0=t0, sqrt_s=sqrt_s, max_particles=max_particles)

@@ -292,6 +292,9 @@ class _KernelFunction(torch.autograd.Function):
         call, *tensors = inputs
         ctx.call = call
         ctx.save_for_backward(*tensors)
+        # An output the loss does not use gets None, not a tensor of zeros: the VJP skips its terms
+        # (e.g. the propagator's free parameters per layer, (N, L, 8), when the loss uses the hits).
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -356,8 +359,10 @@ class _KernelGradient(torch.autograd.Function):
 
 def _kernel_gradients(call: _Call, tensors, grad_outputs, needs) -> tuple:
     """The gradients of the inputs that ``needs``: one tensor (or None: zero) per needed input."""
+    if all(g is None for g in grad_outputs):
+        return tuple(None for need in needs if need)
     _new_scope(call.types)
-    grads_out = tuple(_grad_output(g, call.types) for g in grad_outputs)
+    grads_out = tuple(None if g is None else _grad_output(g, call.types) for g in grad_outputs)
     if call.vjp is not None:
         grads_in = call.vjp(call.saved, grads_out, needs, **call.static)
     else:
@@ -403,6 +408,8 @@ def _reverse_ad(call: _Call, tensors, grads_out, needs):
     inputs = _kernel_inputs(flats, tensors)
     outputs = _outputs_tuple(call.forward(*inputs, **call.static))
     for out, grad in zip(outputs, grads_out):
+        if grad is None:
+            continue
         if _is_columns(out):
             for column, column_grad in zip(out, grad):
                 _seed(column, column_grad)
@@ -435,7 +442,8 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
     vjp:
         Optional ``vjp(saved, grad_outputs, needs_input_grad, **static)``;
         ``grad_outputs`` has one entry per output in the input layout (array,
-        or tuple of column arrays for an (N, k) output). It returns one
+        or tuple of column arrays for an (N, k) output), None for an output that
+        received no gradient (the loss does not depend on it). It returns one
         gradient per input (Dr.Jit array, tuple/list of columns, torch tensor,
         or None); for a 0-d input a per-lane gradient is summed over lanes. When omitted, Dr.Jit reverse-mode AD supplies it.
     static:

@@ -142,6 +142,32 @@ def test_frozen_gradients_equal_traced_gradients():
             assert torch.equal(g_frozen, g_traced)
         assert grads[0][2].abs().min() > 0 and grads[0][4].abs() > 0
 
+@pytest.mark.parametrize("used", ["local", "path_length", "free"])
+def test_loss_on_one_output_gives_the_gradient_of_all_outputs_with_zero_weight(used):
+    """Outputs the loss does not use reach the VJP as None (their record rows are skipped). The
+    gradient equals that of a loss using every output with zero weight (all rows read), frozen and
+    traced, also when a recording made at one N is replayed at another (including the initial time,
+    which no gradient reaches: it must come back with N entries, not the recorded count)."""
+    frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0, requires_grad=True), GRADIENT_LAYERS,
+                           stepper=RK4(10.0), trainable_positions=True)
+    for n in (16, 5):
+        grads = []
+        for prop, weight in ((frozen, None), (traced, None), (traced, 0.0)):
+            params = _params(n, seed=n).requires_grad_()
+            prop.zero_grad()
+            out = prop(params)
+            loss = getattr(out, used).square().sum()
+            if weight is not None:  # every output in the graph: their gradients are materialised zeros
+                loss = loss + weight * sum(getattr(out, name).sum() for name in ("local", "path_length", "free"))
+            loss.backward()
+            grads.append([params.grad, prop.positions.grad, prop.field.b0.grad])
+        assert grads[0][0].shape == (n, 8)
+        for g_frozen, g_traced, g_all in zip(*grads):
+            assert torch.equal(g_frozen, g_traced)
+            torch.testing.assert_close(g_traced, g_all, rtol=1e-13, atol=0.0)
+        assert grads[0][0][:, :3].abs().sum() > 0
+
+
 
 def test_gradcheck_through_the_frozen_kernels():
     prop = Propagator(SolenoidField(2.0, 1200.0, 3000.0), GRADIENT_LAYERS, stepper=RK4(10.0))

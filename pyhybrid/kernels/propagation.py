@@ -946,7 +946,8 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
     """Reverse sweep over layers: J^T g for the outputs of :func:`propagate_layers`.
 
     grad_free, grad_local, grad_path: gradients of a scalar loss with respect to the layer outputs,
-    laid out like ``free_rows``, ``local_rows`` and ``path_rows`` of :class:`LayerHits`;
+    laid out like ``free_rows``, ``local_rows`` and ``path_rows`` of :class:`LayerHits`, or None
+    where the loss does not depend on that output (its rows of the record are then not read);
     ``n_tracks`` as for :func:`propagate_layers` (required under ``dr.freeze``). Returns
     ``(grad_initial, grad_field, grad_positions, grad_thickness)``: 8 arrays over tracks for the
     initial free parameters (direction: with respect to the un-normalised input), and per-lane
@@ -957,22 +958,34 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
     n_columns = 8 + n_field + 2
     n_layers = len(record.hit)
     in_lane_order = dict(lanes=record.lanes, n_tracks=n_tracks)
-    grad_free = layer_columns(grad_free, n_layers, 8, **in_lane_order)
-    grad_local = layer_columns(grad_local, n_layers, 2, **in_lane_order)
-    grad_path = [c[0] for c in layer_columns(grad_path, n_layers, 1, **in_lane_order)]
-    zero = record.direction_norm * 0.0
-    adjoint = [dr.zeros(type(zero), dr.width(zero)) for _ in range(8)]  # d loss / d (state after the layer)
-    adjoint_path = dr.zeros(type(zero), dr.width(zero))                   # d loss / d (segment path length)
-    grad_field = [dr.zeros(type(zero), dr.width(zero)) for _ in range(n_field)]
+
+    def per_layer(rows, width):  # lists over layers of `width` weights (None: no gradient)
+        if rows is None:
+            return [[None] * width] * n_layers
+        return layer_columns(rows, n_layers, width, **in_lane_order)
+
+    grad_free, grad_local = per_layer(grad_free, 8), per_layer(grad_local, 2)
+    grad_path = [c[0] for c in per_layer(grad_path, 1)]
+    # Zeros computed from an input (norm * 0.0 would fold to a literal): a frozen recording then
+    # replays every output at the new N, also one that no gradient reaches (a literal keeps its width).
+    norm = record.direction_norm  # finite: tracks with another norm were rejected
+    zero = dr.select(dr.isfinite(norm), 0.0, norm)
     if not dr.flag(dr.JitFlag.FreezingScope):  # see propagate_layers
-        dr.make_opaque(adjoint, adjoint_path, grad_field)  # every layer's sweep then compiles to the same kernel
+        dr.make_opaque(zero)  # every layer's sweep then compiles to the same kernel
+    adjoint = [zero] * 8  # d loss / d (state after the layer)
+    # d loss / d (segment path length): the sum of the path gradients of the layers after it
+    adjoint_path = None if grad_path[0] is None else zero
+    grad_field = [zero] * n_field
     grad_positions, grad_thickness = [zero] * n_layers, [zero] * n_layers
     for k in reversed(range(n_layers)):
         hit = record.hit[k]
-        adjoint_path = adjoint_path + dr.select(hit, grad_path[k], 0.0)
+        if adjoint_path is not None:
+            adjoint_path = adjoint_path + dr.select(hit, grad_path[k], 0.0)
         weights = list(adjoint) + list(grad_free[k]) + list(grad_local[k]) + [adjoint_path]
         column_grad = [zero] * n_columns
         for weight, row in zip(weights, record.rows(k)):
+            if weight is None:
+                continue
             for j, tg in enumerate(row):
                 if tg is not None:
                     column_grad[j] = dr.fma(weight, tg, column_grad[j])
@@ -981,7 +994,7 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
             grad_field[g] = grad_field[g] + dr.select(hit, column_grad[8 + g], 0.0)
         grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
         grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
-        dr.eval(adjoint, adjoint_path, grad_field, grad_positions[k], grad_thickness[k])
+        dr.eval(adjoint, grad_field, grad_positions[k], grad_thickness[k], *([] if adjoint_path is None else [adjoint_path]))
     # In track order (gathers of evaluated arrays: they fuse into the caller's kernel). The input
     # direction d is normalised: d T / d d = (I - T T^T) / |d|.
     adjoint, t, norm = ([dr.gather(type(zero), a, record.inverse) for a in arrays]

@@ -111,6 +111,22 @@ def test_bench_rejects_unknown_case():
     assert result.exit_code != 0 and "unknown case" in result.output
 
 
+def test_gradient_ratios_alternate_the_calls_and_report_each_against_the_forward(capsys):
+    from pyhybrid.bench import ratios
+
+    order = []
+    medians = ratios.alternate({"forward": lambda: order.append("f"), "grad": lambda: order.append("g")}, rounds=3,
+                               warmup=1)
+    assert order == ["f", "g"] * 4 and set(medians) == {"forward", "grad"}
+    ratios.main(["--topic", "me", "--size", "64", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if not line.startswith(" ")] == [f"{p}, 64 events" for p in ("ee_mumu", "ee_qqg", "gg_tt")]
+    assert sum(line.split()[0] == "forward" and line.endswith("1.00x forward") for line in lines) == 3
+    with pytest.raises(SystemExit):
+        ratios.main(["--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
 def test_ctrl_c_in_a_batch_loop_stops_after_the_batch_and_twice_at_once():
     import os
     import signal

@@ -1,0 +1,81 @@
+"""Gradient / forward time ratios of the Dr.Jit modules, the cases alternating in one process.
+
+The targets "forward + gradient <= 4x the forward" (propagation) and "gradient <= 3x forward"
+(matrix elements) compare two calls of the same module. ``pyhybrid bench`` times each case in
+its own process and batch size against torch eager; here the forward and the gradient calls of
+one workload run round by round in one process, so that the machine's drift (large on shared
+VMs) affects them alike. Each entry is the median over the rounds; the ratio is to the median
+forward.
+
+Usage: ``python -m pyhybrid.bench.ratios [--topic propagate|me] [--size N] [--rounds R]``
+(workloads of :mod:`pyhybrid.bench.propagate` and :mod:`pyhybrid.bench.me`, CPU, float32;
+set ``OMP_WAIT_POLICY=PASSIVE`` on a machine with few cores, as ``pyhybrid bench`` does).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+from pyhybrid.bench import me, propagate
+
+
+def propagation_calls(n_tracks: int, precision: str = "float32") -> dict[str, Callable[[], object]]:
+    """The propagation benchmark's forward and its four gradient cases (track / all parameters,
+    exact / ACTS Jacobian) on ``n_tracks`` tracks."""
+    setups = {"forward": propagate._setup(None),
+              "tracks, exact": propagate._setup("tracks"), "tracks, acts": propagate._setup("tracks", "acts"),
+              "all, exact": propagate._setup("all"), "all, acts": propagate._setup("all", "acts")}
+    return {name: setup("cpu", precision, n_tracks)[0] for name, setup in setups.items()}
+
+
+def matrix_element_calls(process: str, n_events: int, precision: str = "float32") -> dict[str, Callable[[], object]]:
+    """Forward, parameter gradient and parameter + momentum gradient of one process."""
+    return {mode: me._setup(process, mode)("cpu", precision, n_events)[0]
+            for mode in ("forward", "grad-params", "grad-all")}
+
+
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call, the calls alternating round by round (after ``warmup`` rounds)."""
+    times = {name: [] for name in calls}
+    for round_index in range(warmup + rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def report(title: str, medians: dict[str, float]) -> str:
+    forward = medians["forward"]
+    lines = [title] + [f"  {name:14s} {seconds * 1e3:9.2f} ms  {seconds / forward:5.2f}x forward"
+                       for name, seconds in medians.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--topic", choices=("propagate", "me"), action="append",
+                        help="workload (repeatable; default: both)")
+    parser.add_argument("--size", type=int, help="tracks (default 50 000) or events (default 2^20) per call")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    args = parser.parse_args(argv)
+    if args.size is not None and args.size < 1:
+        parser.error(f"--size must be >= 1, got {args.size}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    for topic in args.topic or ("propagate", "me"):
+        if topic == "propagate":
+            n = args.size or 50_000
+            print(report(f"propagation, {n} tracks", alternate(propagation_calls(n), args.rounds)), flush=True)
+        else:
+            n = args.size or me.N_EVENTS
+            for process in ("ee_mumu", "ee_qqg", "gg_tt"):
+                print(report(f"{process}, {n} events", alternate(matrix_element_calls(process, n), args.rounds)),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,8 @@ gradient is not computed and returned as structural zeros.
 Structural zeros are ``None`` so that the Jacobian code skips them.
 ``proportional_to``: the name of the parameter theta with B = theta B^(r) (None if there is
 none); the transport then carries one column for q/p and theta (see ``propagation``).
+``spatially_constant``: dB/dr = 0 everywhere (the transport then carries no position columns:
+the exact Jacobian costs what the ACTS one does, and equals it).
 
 Fields
 ------
@@ -38,6 +40,7 @@ class UniformField:
 
     names = ("bx", "by", "bz")
     proportional_to = None
+    spatially_constant = True
 
     def __init__(self, bx, by, bz):
         self.b = (bx, by, bz)
@@ -68,6 +71,7 @@ class SolenoidField:
 
     names = ("b0", "radius", "half_length")
     proportional_to = "b0"
+    spatially_constant = False
 
     def __init__(self, b0, radius, half_length):
         self.b0 = b0
@@ -164,6 +168,7 @@ class GridField:
 
     names = ("scale",)
     proportional_to = "scale"
+    spatially_constant = False
 
     def __init__(self, values: Sequence, shape: Sequence[int], origin: Sequence[float],
                  spacing: Sequence[float], scale=1.0):

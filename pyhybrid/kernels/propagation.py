@@ -303,7 +303,7 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
         r_new, t_new, error, new_columns = nystrom_step(field, stepper.tableau, loop.r, loop.t, lam, h,
                                                         tangents if columns else None,
                                                         error_estimate=stepper.adaptive,
-                                                        spatial_gradient=_exact(options))
+                                                        spatial_gradient=_with_field_gradient(field, options))
         if stepper.adaptive:
             accept = (error <= stepper.tolerance) | (dr.abs(h) <= stepper.min_step)
             h_next = stepper.next_step(dr.abs(h), error)
@@ -331,9 +331,10 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     return loop
 
 
-def _exact(options: PropagationOptions) -> bool:
-    """Whether the transport includes dB/dr (else the position-only columns are not carried)."""
-    return options.transport_jacobian == "exact"
+def _with_field_gradient(field, options: PropagationOptions) -> bool:
+    """Whether the transport includes dB/dr (else the position-only columns are not carried): the
+    exact Jacobian in a field that varies in space."""
+    return options.transport_jacobian == "exact" and not getattr(field, "spatially_constant", False)
 
 
 def _dense(vector, zero):
@@ -364,7 +365,7 @@ class _SegmentStart:
         proportional_to = getattr(field, "proportional_to", None)
         proportional = field.names.index(proportional_to) if proportional_to and field_gradient else None
         return cls(tuple(t), e1, e2, tuple(lam * c for c in dm.cross(t, b)), len(field.names), field_gradient,
-                   _exact(options), proportional)
+                   _with_field_gradient(field, options), proportional)
 
     def columns(self) -> list[TangentColumn]:
         """Tangent columns carried through the stepping loop.

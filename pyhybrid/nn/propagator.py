@@ -337,7 +337,8 @@ class Propagator(nn.Module):
     jacobian: transport Jacobian of the backward pass. "exact" (default): the derivative of
         the discrete Runge-Kutta steps, including the field gradient dB/dr in every stage.
         "acts": dB/dr neglected in the stages, as ACTS' EigenStepper (the dependence on the
-        field parameters is kept): exact in a uniform field, 1.6-1.9x cheaper gradients; in the
+        field parameters is kept): exact in a uniform field (where "exact" is as cheap), 1.6-1.9x
+        cheaper gradients in a varying field; in the
         benchmark's 2 T solenoid the gradients differ from the exact ones by 4e-4 (tracks) to
         1e-3 (field parameters) relative, more in a strong fringe field (see docs/propagation.md,
         "ACTS-style transport Jacobian"). The forward results are identical.

@@ -173,6 +173,39 @@ def test_without_anything_to_differentiate_no_autograd_node_and_the_same_values(
         assert torch.equal(out, differentiable.detach())
 
 
+def _product_and_sum(x, y):
+    return x * y, dr.sin(x) + y
+
+
+_received = []
+
+
+def _product_and_sum_vjp(saved, grad_outputs, needs):
+    _received.append([g is None for g in grad_outputs])
+    x, y = saved
+    g_product, g_sum = (0.0 if g is None else g for g in grad_outputs)
+    return g_product * y + g_sum * dr.cos(x), g_product * x + g_sum
+
+
+def test_an_output_the_loss_does_not_use_reaches_the_vjp_as_none():
+    """Generic reverse AD and a supplied VJP: an unused output gives None (no zeros are made), and the
+    gradient equals that of a loss using it with weight 0."""
+    supplied = engine.kernel_function(lambda x, y: (_product_and_sum(x, y), (x, y)), vjp=_product_and_sum_vjp)
+    generic = engine.kernel_function(_product_and_sum)
+    x, y = (torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for fn in (supplied, generic):
+        for used in (0, 1):
+            _received.clear()
+            one = torch.autograd.grad(fn(x, y)[used].pow(2).sum(), (x, y))
+            outputs = fn(x, y)
+            both = torch.autograd.grad(outputs[used].pow(2).sum() + 0.0 * outputs[1 - used].sum(), (x, y))
+            for a, b in zip(one, both):
+                torch.testing.assert_close(a, b, rtol=1e-15, atol=0.0)
+            if fn is supplied:
+                assert _received == [[i != used for i in range(2)], [False, False]]
+        assert torch.autograd.gradcheck(lambda a, b: fn(a, b)[1], (x, y))
+
+
 def test_zero_copy_on_cpu():
     t = torch.arange(12, dtype=torch.float32)
     array = engine.to_drjit(t)

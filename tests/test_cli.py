@@ -111,6 +111,13 @@ def test_bench_rejects_unknown_case():
     assert result.exit_code != 0 and "unknown case" in result.output
 
 
+@pytest.mark.parametrize("command", ["propagate", "shower", "calorimeter"])
+def test_batched_runs_take_the_batch_size_under_one_name(command):
+    """--batch-size in every batched run (--batch: the same option)."""
+    result = CliRunner().invoke(main, ["run", command, "--help"])
+    assert result.exit_code == 0 and "--batch-size, --batch" in result.output, result.output
+
+
 def test_gradient_ratios_alternate_the_calls_and_report_each_against_the_forward(capsys):
     from pyhybrid.bench import ratios
 

@@ -8,12 +8,13 @@ from pyhybrid.io import read_events
 
 def test_run_shower_writes_particle_lists(tmp_path):
     path = tmp_path / "shower.h5"
-    result = CliRunner().invoke(main, ["run", "shower", "--events", "2500", "--batch", "1000", "--seed", "7",
+    result = CliRunner().invoke(main, ["run", "shower", "--events", "2500", "--batch-size", "1000", "--seed", "7",
                                        "--precision", "float64", "-o", str(path)])
     assert result.exit_code == 0, result.output
     events = read_events(path)
     assert events.n_events == 2500
     assert events.metadata["parameters"]["alpha_s_mz"] == 0.118 and events.metadata["seed"] == 7
+    assert events.metadata["parameters"]["batch_size"] == 1000
     offsets, energies = events.jagged["E"]
     counts = np.diff(offsets)
     assert counts.min() >= 2 and np.array_equal(counts, events.fixed["n_emissions"] + 2)

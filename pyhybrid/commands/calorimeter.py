@@ -19,7 +19,7 @@ import math
 import click
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, finite, output_option, refuse_existing, seed_option
+from pyhybrid.commands.common import batch_seed, batch_size_option, finite, output_option, refuse_existing, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels import calorimeter as kernel
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
@@ -55,9 +55,7 @@ __all__ = ["command"]
 @click.option("--quadrature-points", type=click.IntRange(1, 32), default=6, show_default=True,
               help="Gauss-Legendre points per segment for the depth integral (at least; one per 2.5 X0 of a "
                    "deeper segment).")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=20_000, show_default=True,
-              help="Showers per kernel launch and per write. Each batch draws its own random streams: "
-                   "keep it to reproduce a file.")
+@batch_size_option(20_000, "Showers")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @seed_option(default=1)

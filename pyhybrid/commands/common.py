@@ -72,6 +72,14 @@ def seed_option(default: int = 0):
                         help="Random seed (batches draw from streams derived from it).")
 
 
+def batch_size_option(default: int, per: str):
+    """``--batch-size`` (also ``--batch``): the items (``per``: "Tracks", "Events", ...) of one kernel
+    launch and one write."""
+    return click.option("--batch-size", "--batch", "batch_size", type=click.IntRange(min=1), default=default,
+                        show_default=True, help=f"{per} per kernel launch and per write. Each batch draws its own "
+                                                "random streams: keep it to reproduce a file.")
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The 64-bit seed of batch ``batch`` of a run seeded with ``seed``.
 

@@ -21,7 +21,7 @@ import click
 import drjit as dr
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, finite, output_option, refuse_existing, seed_option
+from pyhybrid.commands.common import batch_seed, batch_size_option, finite, output_option, refuse_existing, seed_option
 from pyhybrid.io import EventWriter
 from pyhybrid.kernels.backend import kernel_types
 from pyhybrid.kernels.fields import SolenoidField, UniformField
@@ -78,8 +78,7 @@ def _floats(text: str, name: str) -> list[float]:
 @click.option("--scattering", type=click.Choice(["none", "sample"]), default="none", show_default=True,
               help="sample: random multiple-scattering deflections (Highland).")
 @click.option("--energy-loss/--no-energy-loss", default=True, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=100000, show_default=True,
-              help="Tracks per kernel call (each batch draws its own random streams: keep it to reproduce a file).")
+@batch_size_option(100_000, "Tracks")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @seed_option()

@@ -8,14 +8,14 @@ Fixed per-event arrays: ``n_emissions`` (int32) and, unless
 ``--no-observables``, the event shapes ``y23``, ``y34``, ``y45``, ``y56``
 (Durham, 0 if the event has too few partons) and ``thrust``.
 Metadata ``parameters``: alpha_s(mZ), t0 [GeV^2], sqrt_s [GeV], max_particles,
-precision, device, batch.
+precision, device, batch_size.
 """
 from __future__ import annotations
 
 import click
 import numpy as np
 
-from pyhybrid.commands.common import batch_seed, finite, output_option, refuse_existing, seed_option
+from pyhybrid.commands.common import batch_seed, batch_size_option, finite, output_option, refuse_existing, seed_option
 from pyhybrid.kernels.backend import BackendUnavailable, kernel_types
 from pyhybrid.kernels.shower import ShowerSettings
 
@@ -32,16 +32,14 @@ SHAPES = ("y23", "y34", "y45", "y56", "thrust")
 @click.option("--sqrt-s", "sqrt_s", type=finite(), default=91.2, show_default=True, help="Collision energy [GeV].")
 @click.option("--max-particles", "max_particles", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
               help="Parton slots per event.")
-@click.option("--batch", type=click.IntRange(min=1), default=100_000, show_default=True,
-              help="Events per kernel launch (memory ~ batch x max-particles). Each batch draws its own "
-                   "random streams: keep it to reproduce a file.")
+@batch_size_option(100_000, "Events (memory ~ batch size x max-particles)")
 @click.option("--observables/--no-observables", default=True, show_default=True,
               help="Also store Durham y23..y56 and thrust.")
 @output_option("shower_events.h5")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float64", show_default=True)
 @seed_option()
-def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, output, overwrite, device, precision, seed):
+def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch_size, observables, output, overwrite, device, precision, seed):
     """Shower e+e- -> q qbar events and write their parton lists (and event shapes)."""
     refuse_existing(overwrite, output=output)
     from pyhybrid.io import EventWriter
@@ -60,14 +58,14 @@ def command(n_events, alpha_s, t0, sqrt_s, max_particles, batch, observables, ou
     if observables:
         fixed.update({name: ((), dtype) for name in SHAPES})
     parameters = {"alpha_s_mz": alpha_s, "t0": t0, "sqrt_s": sqrt_s, "max_particles": max_particles,
-                  "precision": precision, "device": device, "batch": batch}
+                  "precision": precision, "device": device, "batch_size": batch_size}
     metadata = {"parameters": parameters, "seed": seed, "generator": "pyhybrid run shower",
                 "units": {"t0": "GeV^2"}}
     with EventWriter(output, fixed=fixed, jagged=jagged, metadata=metadata, overwrite=overwrite) as writer, \
             progress_bar(n_events, "showering") as advance:
         done, batch_index = 0, 0
         while done < n_events:
-            n = min(batch, n_events - done)
+            n = min(batch_size, n_events - done)
             # Disjoint random streams per batch: the seed of batch k is derived from (seed, k).
             result = run_shower(types, n, settings, seed=batch_seed(seed, batch_index))
             if bool(np.any(result.overflow.numpy())):

@@ -85,7 +85,7 @@ def check_tensor(
 ) -> torch.Tensor:
     """Validate a tensor argument and return it; errors name the argument.
 
-    ``shape`` entries of None match any size; ``dtype``: one dtype or a tuple of the allowed ones
+    ``shape`` entries of None match any size (named N in the error for the first dimension); ``dtype``: one dtype or a tuple of the allowed ones
     (e.g. :data:`KERNEL_DTYPES`). ``finite`` rejects NaN/inf.
     """
     if not isinstance(value, torch.Tensor):
@@ -95,7 +95,8 @@ def check_tensor(
             want is None or want == got for want, got in zip(shape, value.shape)
         )
         if not ok:
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            # "N" for the batch dimension, "*" for another dimension of any size
+            want = "(" + ", ".join(str(s) if s is not None else "N" if i == 0 else "*" for i, s in enumerate(shape)) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
     allowed = dtype if isinstance(dtype, tuple) else (dtype,)
     if dtype is not None and value.dtype not in allowed:

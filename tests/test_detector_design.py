@@ -292,7 +292,7 @@ def test_empty_batches_of_the_design_objectives():
 def test_energy_regression_rejects_bad_inputs():
     regression = EnergyRegression(4, 5).double()
     fraction = torch.tensor(0.1, dtype=F64)
-    with pytest.raises(ValueError, match=r"cells must have shape \(\*, 4, 5, 5\)"):
+    with pytest.raises(ValueError, match=r"cells must have shape \(N, 4, 5, 5\)"):
         regression(torch.rand(3, 4, 4, 3, dtype=F64), fraction)
     with pytest.raises(TypeError, match="cells must have dtype torch.float64"):
         regression(torch.rand(3, 4, 5, 5), fraction)

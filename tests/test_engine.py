@@ -287,7 +287,7 @@ def test_bad_inputs_name_the_problem():
         reverse_fn(state, omega.float(), damping)
     with pytest.raises(TypeError, match="float32 or torch.float64"):
         reverse_fn(state.long(), omega.long(), damping.long())
-    with pytest.raises(ValueError, match="x must have shape \\(\\*, 3\\)"):
+    with pytest.raises(ValueError, match="x must have shape \\(N, 3\\)"):
         engine.check_tensor(torch.zeros(4, 2), "x", shape=(None, 3))
     with pytest.raises(ValueError, match="qop contains NaN"):
         engine.check_tensor(torch.tensor([1.0, float("nan")]), "qop")

@@ -366,7 +366,7 @@ def test_rejects_non_finite_momenta_and_bad_shapes():
                 momenta[2, particle, component] = sign * float("inf")
                 with pytest.raises(ValueError, match="event 2"):
                     MatrixElement("ee_mumu").double()(momenta)
-    with pytest.raises(ValueError, match=r"momenta must have shape \(\*, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"momenta must have shape \(N, 4, 4\)"):
         MatrixElement("ee_mumu").double()(torch.zeros(4, 5, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="momenta must be a torch.Tensor"):
         MatrixElement("ee_mumu")(np.zeros((4, 4, 4)))

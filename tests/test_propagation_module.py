@@ -168,7 +168,7 @@ def test_unusable_tracks_are_found_by_the_kernel_in_recorded_and_replayed_calls(
 
 def test_bad_input_gives_clear_errors(propagator):
     params = _params(4)
-    with pytest.raises(ValueError, match=r"params must have shape \(\*, 8\)"):
+    with pytest.raises(ValueError, match=r"params must have shape \(N, 8\)"):
         propagator(params[:, :7])
     bad = params.clone()
     bad[1, 2] = float("nan")
@@ -197,9 +197,12 @@ def test_bad_input_gives_clear_errors(propagator):
             free_parameters(position, momentum, **bad)
     for one_for_all in (-1, [-1.0], torch.tensor([-1.0])):
         assert (free_parameters(position, momentum, one_for_all)[:, 7] < 0).all()
-    charges = torch.tensor([1, -1, 2])  # integer charges are converted
+    charges = torch.tensor([1, -1, 0])  # integer charges are converted
     torch.testing.assert_close(free_parameters(position, momentum, charges)[:, 7],
                                charges.double() / math.sqrt(3.0))
+    for charge in (torch.tensor([1.0, 2.0, -1.0]), 0.5):  # |q| = 1 particles only
+        with pytest.raises(ValueError, match=r"charge must be -1, \+1 or 0 \(neutral\) \[e\], got (2.0|0.5)"):
+            free_parameters(position, momentum, charge)
     # a covariance computed from tracks that require grad: detached, the hit gradients are those without it
     tracks = params.clone().requires_grad_()
     covariance = 1e-4 * torch.eye(8, dtype=torch.float64) * tracks[:, 7:8, None].square()

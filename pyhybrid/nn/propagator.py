@@ -628,7 +628,8 @@ _PROPAGATE = kernel_function(_propagate_kernel, vjp=_propagate_vjp)
 def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torch.Tensor | float,
                     time: torch.Tensor | None = None) -> torch.Tensor:
     """ACTS free parameters (N, 8) from positions (N, 3) [mm], momenta (N, 3) [GeV] and charges (N,) [e]
-    (or one charge for all tracks).
+    (or one charge for all tracks): -1, +1, or 0 for a neutral track. The propagator's particles
+    (muon, pion, kaon, proton) have |q| = 1: it reads |p| = 1 / |q/p| for the material effects.
 
     Differentiable torch code: q/p = charge / |p|, direction = p / |p|, time (N,) 0 unless given [ns].
     """
@@ -643,6 +644,10 @@ def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torc
     if charge.numel() == 1:  # one charge for all tracks
         charge = charge.reshape(())
     check_tensor(charge, "charge", shape=(n,) if charge.dim() else (), device=position.device)
+    if not bool(((charge == 1) | (charge == -1) | (charge == 0)).all()):
+        bad = charge.reshape(-1)[~((charge == 1) | (charge == -1) | (charge == 0)).reshape(-1)][0].item()
+        raise ValueError(f"charge must be -1, +1 or 0 (neutral) [e], got {bad}: the propagator's particles have "
+                         "|q| = 1 (it reads |p| = 1 / |q/p| for the material effects)")
     time = torch.zeros_like(p) if time is None else check_tensor(time, "time", shape=(n,), **like)
     charge = charge.to(position.dtype).expand(n)  # integer charges are fine
     return torch.cat([position, time[:, None], momentum / p[:, None], (charge / p)[:, None]], dim=1)

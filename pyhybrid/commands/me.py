@@ -125,7 +125,7 @@ POSITIVE = finite(min=0, min_open=True)
 @click.option("--top-mass", "top_mass", type=POSITIVE, default=DEFAULTS.top_mass, show_default=True,
               help="Top mass [GeV].")
 @click.option("--y-cut", "y_cut", type=finite(), default=0.01, show_default=True,
-              help="ee_qqg: minimum s_ij / s of every parton pair.")
+              help="ee_qqg: minimum s_ij / s of every parton pair, in (0, 1/3).")
 @click.option("--mapping", type=click.Choice(MAPPINGS), default="angles", show_default=True,
               help="Phase-space mapping of the unit cube.")
 @click.option("--points", "n_points", type=click.IntRange(min=100), default=100_000, show_default=True,

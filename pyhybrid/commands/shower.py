@@ -27,9 +27,9 @@ SHAPES = ("y23", "y34", "y45", "y56", "thrust")
 @click.command(name="shower")
 @click.option("--events", "n_events", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Number of events.")
-@click.option("--alpha-s", "alpha_s", type=finite(), default=0.118, show_default=True, help="alpha_s(mZ).")
-@click.option("--t0", type=finite(), default=1.0, show_default=True, help="Shower cutoff in kT^2 [GeV^2].")
-@click.option("--sqrt-s", "sqrt_s", type=finite(), default=91.2, show_default=True, help="Collision energy [GeV].")
+@click.option("--alpha-s", "alpha_s", type=finite(), default=0.118, show_default=True, help="alpha_s(mZ), in [0.05, 0.14] (two-loop running).")
+@click.option("--t0", type=finite(), default=1.0, show_default=True, help="Shower cutoff in kT^2 [GeV^2]: above the scale where alpha_s reaches 1 (~0.24 GeV^2 at alpha_s = 0.118) and below s / 4.")
+@click.option("--sqrt-s", "sqrt_s", type=finite(), default=91.2, show_default=True, help="Collision energy [GeV], in [10, 340] (five massless flavours).")
 @click.option("--max-particles", "max_particles", type=click.IntRange(min=4, max=1024), default=64, show_default=True,
               help="Parton slots per event.")
 @batch_size_option(100_000, "Events (memory ~ batch size x max-particles)")

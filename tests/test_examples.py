@@ -33,7 +33,7 @@ def test_shower_tuning_estimators_agree_and_fit_alpha_s(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {name.strip(): (float(gradient), float(spread), int(seeds), float(fitted)) for name, gradient, spread, seeds, fitted
-            in re.findall(r"^\s*([\w ]+): d chi2/d alpha_s at \S+ =\s*(\S+) \+-\s*(\S+) \(std over (\d+) seeds.*?"
+            in re.findall(r"^\s*([\w ]+): d (?:relaxed )?chi2/d alpha_s at \S+ =\s*(\S+) \+-\s*(\S+) \(std over (\d+) seeds.*?"
                           r"fitted alpha_s = (\S+)", run.stdout, flags=re.MULTILINE)}
     assert set(rows) == {"score function", "stochastic AD", "relaxed"}, run.stdout
     (score, score_std, n, _), (stochastic, stochastic_std, m, _) = rows["score function"], rows["stochastic AD"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Data-parallel training of the hybrid tracking model with torch.distributed (DDP, gloo backend).
 
-    torchrun --standalone --nproc_per_node=2 examples/ddp_hybrid.py [--tracks 4096] [--steps 60]
-    torchrun --standalone --nproc_per_node=2 examples/ddp_hybrid.py --check-gradients out/ddp_check.json
+    .venv/bin/torchrun --standalone --nproc_per_node=2 examples/ddp_hybrid.py [--tracks 4096] [--steps 60]
+    .venv/bin/torchrun --standalone --nproc_per_node=2 examples/ddp_hybrid.py --check-gradients out/ddp_check.json
 
 The model of Example A: ``TrackEncoder`` (noisy hits -> perigee parameters)
 followed by ``PerigeeHits`` (the Propagator: parameters -> predicted hits); the
@@ -111,6 +111,9 @@ def main(argv=None) -> None:
                                                                   "write JSON to PATH and exit")
     args = parser.parse_args(argv)
 
+    if "RANK" not in os.environ:  # started without torchrun: say how instead of torch's rendezvous error
+        raise SystemExit("launch with torchrun, e.g. .venv/bin/torchrun --standalone --nproc_per_node=2 "
+                         "examples/ddp_hybrid.py")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.steps < 1:

@@ -13,8 +13,8 @@ the two must agree within the scan's step. Writes a PNG with the design paramete
 resolution against iteration, the scanned objective with the optimisation path, and sigma/E(E) of
 the start and optimised designs.
 
-    python examples/detector_design.py --quick      # ~ 2 minutes on 2 CPU cores, 5 x 5 grid
-    python examples/detector_design.py              # ~ 8 minutes: 600 steps, 9 x 9 grid
+    .venv/bin/python examples/detector_design.py --quick      # ~ 2 minutes on 2 CPU cores, 5 x 5 grid
+    .venv/bin/python examples/detector_design.py              # ~ 8 minutes: 600 steps, 9 x 9 grid
 """
 from __future__ import annotations
 

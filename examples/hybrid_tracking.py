@@ -30,8 +30,8 @@ track fit would) and Gaussian measurement noise. All numbers are measured on
 held-out tracks: sigma68 = half-width of the central 68 % interval of
 (estimate - truth). Everything is seeded.
 
-Run:  python examples/hybrid_tracking.py --quick -o out/   (< 2 min on 2 CPU cores)
-      python examples/hybrid_tracking.py -o out/           (the full scan, ~10 min)
+Run:  .venv/bin/python examples/hybrid_tracking.py --quick -o out/   (< 2 min on 2 CPU cores)
+      .venv/bin/python examples/hybrid_tracking.py -o out/           (the full scan, ~10 min)
 Writes out/hybrid_tracking.png, out/hybrid_tracking.h5 (pyhybrid.io layout) and
 prints the comparison table.
 """
@@ -401,7 +401,7 @@ def write_events(result: dict, setup: Setup, path: str) -> None:
                 "frame": "canonical: each track rotated about z so that its innermost measured hit is at phi = 0",
                 "parameter_order": list(PARAMETERS), "results": result["rows"], "histories": result["histories"],
                 "surrogate_fidelity_um": result["surrogate_fidelity"]}
-    with EventWriter(path, fixed=fixed, metadata=metadata) as writer:
+    with EventWriter(path, fixed=fixed, metadata=metadata, overwrite=True) as writer:  # a re-run replaces its file
         writer.append(setup.n_test, arrays)
 
 

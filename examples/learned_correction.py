@@ -31,7 +31,7 @@ the observable part -- what is left after projecting out, track by track, the
 directions the track's own parameters can produce -- and the raw difference is
 printed too.
 
-Run:  python examples/learned_correction.py [--quick] [-o out/]
+Run:  .venv/bin/python examples/learned_correction.py [--quick] [-o out/]
 Writes out/learned_correction.png and prints the results.
 """
 from __future__ import annotations

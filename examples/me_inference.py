@@ -14,7 +14,7 @@ L-BFGS optimiser. Errors come from the inverse Hessian (finite differences of
 the autograd gradient). The pulls (fit - truth) / error over the
 pseudo-experiments should have mean 0 and width 1; they are plotted to a PNG.
 
-Run:  python examples/me_inference.py [--quick] [--experiments N] [-o pulls.png]
+Run:  .venv/bin/python examples/me_inference.py [--quick] [--experiments N] [-o pulls.png]
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ The relaxed estimator fits the sigmoid-binned histogram (the same relaxation app
 Also measured: the spread of d chi2 / d alpha_s over independent seeds at the start point
 (gradient variance per estimator) and the time per step. Writes a PNG with the fits.
 
-    python examples/shower_tuning.py --quick      # ~30 s on 2 cores
-    python examples/shower_tuning.py              # larger samples, more steps
+    .venv/bin/python examples/shower_tuning.py --quick      # ~30 s on 2 cores
+    .venv/bin/python examples/shower_tuning.py              # larger samples, more steps
 """
 from __future__ import annotations
 

@@ -113,19 +113,22 @@ def test_bad_counts_names_and_metadata_are_rejected_without_harm(tmp_path):
     kept = tmp_path / "kept.h5"
     with EventWriter(kept, fixed=FIXED, jagged=JAGGED) as writer:
         writer.append(2, *_batch(rng, 2))
+    with pytest.raises(FileExistsError, match="kept.h5 exists"):  # by default an existing file is kept
+        EventWriter(kept, fixed=FIXED)
+    # bad arguments are found before an existing file is replaced (overwrite=True)
     with pytest.raises(TypeError, match="not JSON-serialisable"):
-        EventWriter(kept, fixed=FIXED, metadata={"parameters": {"x": object()}})
+        EventWriter(kept, fixed=FIXED, metadata={"parameters": {"x": object()}}, overwrite=True)
     assert read_events(kept).n_events == 2  # the existing file was not truncated
     for bad in ({"format_version": 7}, {"created": "yesterday"}, {"seed": -7}):
         with pytest.raises(ValueError, match="written by EventWriter|seed must be >= 0"):
-            EventWriter(kept, fixed=FIXED, metadata=bad)
+            EventWriter(kept, fixed=FIXED, metadata=bad, overwrite=True)
     for bad, error, message in (({"fixed": {"x": ((3,), "notadtype")}}, TypeError, "'notadtype' is not a numpy dtype"),
                                 ({"fixed": {"x": ((3,), "U8")}}, TypeError, "real number or bool"),
                                 ({"fixed": {"x": ((-3,), "f8")}}, ValueError, "non-negative integers"),
                                 ({"jagged": {"e": object}}, TypeError, "real number or bool"),
                                 ({"fixed": FIXED, "compression": "bogus"}, ValueError, "compression must be")):
         with pytest.raises(error, match=message):
-            EventWriter(kept, **bad)
+            EventWriter(kept, **bad, overwrite=True)
     assert read_events(kept).n_events == 2
 
 
@@ -135,7 +138,7 @@ def test_reader_names_layout_errors(tmp_path):
         f.attrs["format"] = "something-else"
     with pytest.raises(LayoutError, match="attribute 'format'"):
         read_events(path)
-    with EventWriter(path, fixed=FIXED, jagged=JAGGED) as writer:
+    with EventWriter(path, fixed=FIXED, jagged=JAGGED, overwrite=True) as writer:
         writer.append(2, *_batch(np.random.default_rng(3), 2))
     with h5py.File(path, "a") as f:
         del f["jagged/pdg/offsets"]
@@ -164,7 +167,7 @@ def test_reader_names_layout_errors(tmp_path):
 ])
 def test_reader_turns_damaged_files_into_layout_errors(tmp_path, damage, message):
     path = tmp_path / "damaged.h5"
-    with EventWriter(path, fixed=FIXED, jagged=JAGGED) as writer:
+    with EventWriter(path, fixed=FIXED, jagged=JAGGED, overwrite=True) as writer:
         writer.append(2, *_batch(np.random.default_rng(3), 2))
     with h5py.File(path, "a") as f:
         damage(f)

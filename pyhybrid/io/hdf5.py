@@ -70,7 +70,8 @@ class EventWriter:
 
     Parameters
     ----------
-    path: output file (overwritten if ``overwrite``; otherwise an existing file is an error).
+    path: output file. An existing file is an error (nothing written earlier is lost) unless
+        ``overwrite=True``.
     fixed: ``{name: (per_event_shape, dtype)}`` for fixed-size per-event arrays.
     jagged: ``{name: dtype}`` for variable-length per-event lists.
     metadata: ``parameters`` (dict), ``seed`` (int), ``units`` (dict) and any
@@ -85,7 +86,7 @@ class EventWriter:
     def __init__(self, path: str | os.PathLike, *, fixed: Mapping[str, tuple] | None = None,
                  jagged: Mapping[str, object] | None = None, metadata: Mapping | None = None,
                  chunk_events: int = 4096, compression: str | None = "gzip",
-                 overwrite: bool = True):
+                 overwrite: bool = False):
         fixed = dict(fixed or {})
         jagged = dict(jagged or {})
         if not fixed and not jagged:

@@ -70,10 +70,11 @@ def resolution_curve(design: CalorimeterDesign, n: int, seed: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and a coarser grid (a few minutes)")
-    parser.add_argument("-o", "--output", default="out/detector_design.png", help="PNG file")
+    parser.add_argument("-o", "--output", default="out", help="output folder (detector_design.png)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    os.makedirs(args.output, exist_ok=True)
+    png = os.path.join(args.output, "detector_design.png")
 
     if args.quick:
         steps, train_steps, train_showers, validation = 250, 200, 4096, 8192
@@ -117,12 +118,15 @@ def main(argv=None) -> int:
     print("optimum vs grid: " + ", ".join(
         f"|d {k}| = {abs(optimum[k] - scan['best'][k]):.3f} (step {steps_of_grid[k]:.3f})" for k in scan["names"])
         + ("  -> AGREE within the scan step" if agree else "  -> DISAGREE"))
+    # The three terms are a least-squares fit to the resolution curve: where leakage dominates (a thin
+    # start design), the fit can put everything into the noise and constant terms (stochastic 0).
+    print("resolution fitted as a/sqrt(E) (+) b/E (+) c:")
     for label, (_, _, terms) in (("start", start_curve), ("optimum", end_curve)):
-        print(f"sigma/E at {label}: {100 * terms['stochastic']:.1f} %/sqrt(E) (+) {1000 * terms['noise']:.0f} MeV/E "
+        print(f"  sigma/E at {label}: {100 * terms['stochastic']:.1f} %/sqrt(E) (+) {1000 * terms['noise']:.0f} MeV/E "
               f"(+) {100 * terms['constant']:.2f} %")
 
-    plot(history, scan, optimum, start_curve, end_curve, args.output)
-    print(f"wrote {args.output}  ({time.time() - t0:.0f} s)")
+    plot(history, scan, optimum, start_curve, end_curve, png)
+    print(f"wrote {png}  ({time.time() - t0:.0f} s)")
     return 0 if agree else 1
 
 

@@ -14,7 +14,7 @@ L-BFGS optimiser. Errors come from the inverse Hessian (finite differences of
 the autograd gradient). The pulls (fit - truth) / error over the
 pseudo-experiments should have mean 0 and width 1; they are plotted to a PNG.
 
-Run:  .venv/bin/python examples/me_inference.py [--quick] [--experiments N] [-o pulls.png]
+Run:  .venv/bin/python examples/me_inference.py [--quick] [--experiments N] [-o out/]
 """
 from __future__ import annotations
 
@@ -148,9 +148,10 @@ def main() -> None:
     parser.add_argument("--experiments", type=int, default=None, help="number of pseudo-experiments")
     parser.add_argument("--lumi", type=float, default=None, help="integrated luminosity per scan point [pb^-1]")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("-o", "--output", default="out/me_inference_pulls.png")
+    parser.add_argument("-o", "--output", default="out", help="output folder (me_inference_pulls.png)")
     args = parser.parse_args()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    os.makedirs(args.output, exist_ok=True)
+    png = os.path.join(args.output, "me_inference_pulls.png")
     n_experiments = args.experiments or (20 if args.quick else 100)
     lumi = args.lumi or (1.0 if args.quick else 3.0)
     start_time = time.perf_counter()
@@ -191,8 +192,8 @@ def main() -> None:
         print(f"{name:13s}: mean fit {fits[:, k].mean():.5f} (truth {truth[k]}), mean error {errors[:, k].mean():.5f}, "
               f"pull mean {pulls[:, k].mean():+.2f} +- {pulls[:, k].std(ddof=1) / math.sqrt(n_experiments):.2f}, "
               f"pull width {pulls[:, k].std(ddof=1):.2f}")
-    plot(pulls, fits, errors, args.output)
-    print(f"wrote {args.output}; total time {time.perf_counter() - start_time:.1f} s")
+    plot(pulls, fits, errors, png)
+    print(f"wrote {png}; total time {time.perf_counter() - start_time:.1f} s")
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ def gradient_spread(estimator, spec, data, data_variance, n_events: int, seeds: 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small samples and few steps (~30 s)")
-    parser.add_argument("-o", "--output", default="out/shower_tuning.png", help="output PNG")
+    parser.add_argument("-o", "--output", default="out", help="output folder (shower_tuning.png)")
     args = parser.parse_args()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    os.makedirs(args.output, exist_ok=True)
+    png = os.path.join(args.output, "shower_tuning.png")
     steps, n_events, n_data, seeds = (25, 20_000, 200_000, 4) if args.quick else (60, 100_000, 1_000_000, 8)
     spec = HistogramObservable("log10_y23", tuple(np.linspace(-3.5, -0.5, 7)))
     estimators = [ScoreFunction(), StochasticAD(), Relaxed()]
@@ -116,8 +117,8 @@ def main():
     right.text(0.02, 0.02, text, transform=right.transAxes, fontsize=8, va="bottom")
     right.legend()
     figure.tight_layout()
-    figure.savefig(args.output, dpi=120)
-    print(f"wrote {args.output}")
+    figure.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

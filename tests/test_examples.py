@@ -10,8 +10,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_me_inference_pulls_are_unbiased_with_unit_width(tmp_path):
     """examples/me_inference.py --quick: 20 pseudo-experiments fitted by maximum likelihood through
     TwoBodyCrossSection; the pulls of mZ and sin^2 thetaW have mean 0 and width 1 within their errors."""
-    output = tmp_path / "pulls.png"
-    run = subprocess.run([sys.executable, str(EXAMPLES / "me_inference.py"), "--quick", "-o", str(output)],
+    output = tmp_path / "me_inference_pulls.png"
+    run = subprocess.run([sys.executable, str(EXAMPLES / "me_inference.py"), "--quick", "-o", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     pulls = re.findall(r"(\w+)\s*: mean fit (\S+) \(truth (\S+)\), mean error (\S+), "
@@ -28,8 +28,8 @@ def test_shower_tuning_estimators_agree_and_fit_alpha_s(tmp_path):
     """examples/shower_tuning.py --quick: the two unbiased estimators (score function, Stochastic AD)
     give the same d chi2 / d alpha_s within their spread over seeds, and every estimator's Adam fit
     lands near the true alpha_s(mZ) = 0.118 (the relaxed one fits the relaxed histogram)."""
-    output = tmp_path / "shower.png"
-    run = subprocess.run([sys.executable, str(EXAMPLES / "shower_tuning.py"), "--quick", "-o", str(output)],
+    output = tmp_path / "shower_tuning.png"
+    run = subprocess.run([sys.executable, str(EXAMPLES / "shower_tuning.py"), "--quick", "-o", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {name.strip(): (float(gradient), float(spread), int(seeds), float(fitted)) for name, gradient, spread, seeds, fitted

@@ -452,6 +452,9 @@ def test_module_rejects_bad_parameters_and_overflow():
         PartonShower()(0)
     with pytest.raises(RuntimeError, match="max_particles"):
         PartonShower(max_particles=4)(2000, seed=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda: this torch build has no CUDA"):
+            PartonShower(device="cuda")
 
 
 def test_event_shapes_reject_malformed_events():

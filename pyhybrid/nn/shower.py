@@ -82,6 +82,10 @@ class PartonShower(nn.Module):
                  dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu"):
         super().__init__()
         check_kernel_dtype(dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: this torch build has no CUDA or sees no GPU (a CUDA build of "
+                             "torch: see the README); use device='cpu'")
         alpha_s, t0 = (float(v.detach()) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
                        for v in (alpha_s, t0))
         settings = ShowerSettings(alpha_s_mz=alpha_s, t0=t0, sqrt_s=sqrt_s, max_particles=max_particles)

@@ -400,6 +400,8 @@ def test_rejects_bad_parameter_values():
         MatrixElement("ee_mumu", sin2_theta_w=1.2)
     with pytest.raises(ValueError, match="either alpha or gf"):
         MatrixElement("ee_mumu", alpha=0.0078, gf=GF)
+    with pytest.raises(TypeError, match=r"MatrixElement: unknown parameter\(s\) \['m_z'\]; the Standard-Model inputs are mz,"):
+        MatrixElement("ee_mumu", m_z=91.0)
     module = MatrixElement("ee_mumu").double()
     with torch.no_grad():
         module.gamma_z.fill_(-1.0)

@@ -296,8 +296,11 @@ class _ProcessModule(nn.Module):
     def __init__(self, process: str, flavour: str | None = None, *, mz: float = DEFAULTS.mz,
                  gamma_z: float = DEFAULTS.gamma_z, alpha: float | None = None, gf: float | None = None,
                  sin2_theta_w: float = DEFAULTS.sin2_theta_w, alpha_s: float = DEFAULTS.alpha_s,
-                 top_mass: float = DEFAULTS.top_mass):
+                 top_mass: float = DEFAULTS.top_mass, **unknown):
         super().__init__()
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}; the Standard-Model "
+                            "inputs are mz, gamma_z, alpha (or gf), sin2_theta_w, alpha_s, top_mass")
         self.process = get_process(process)
         self.flavour = self.process.check_flavour(flavour)
         if alpha is not None and gf is not None:

@@ -63,6 +63,12 @@ def test_non_unit_directions_are_normalised_and_float32_agrees(propagator):
     assert (single.local.double() - reference.local)[both].abs().max() < 1e-2       # mm
 
 
+def test_repr_names_the_layers_stepper_and_options(propagator):
+    text = repr(propagator)
+    assert f"layers={propagator.n_layers} ({propagator.n_layers} cylinder)" in text
+    assert "stepper=RK4(step_size=10.0)" in text and "jacobian='exact'" in text and "SolenoidField" in text
+
+
 def test_neutral_track_is_a_straight_line(propagator):
     params = torch.tensor([[1.0, 2.0, 3.0, 0.0, 0.6, 0.8, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.6, 0.8, 0.2, 0.5]],
                           dtype=torch.float64)

@@ -390,6 +390,15 @@ class Propagator(nn.Module):
     def n_layers(self) -> int:
         return len(self.kernel_layers)
 
+    def extra_repr(self) -> str:
+        kinds = {}
+        for layer in self.kernel_layers:
+            kinds[layer.surface.kind] = kinds.get(layer.surface.kind, 0) + 1
+        o = self.options
+        return (f"layers={self.n_layers} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())}), "
+                f"stepper={o.stepper}, particle={o.particle.name!r}, energy_loss={o.energy_loss}, "
+                f"scattering={o.scattering!r}, jacobian={o.transport_jacobian!r}")
+
     def _check_geometry(self) -> None:
         check_tensor(self.positions.detach(), "positions")
         check_tensor(self.thickness.detach(), "thickness")

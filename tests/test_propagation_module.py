@@ -65,7 +65,7 @@ def test_non_unit_directions_are_normalised_and_float32_agrees(propagator):
 
 def test_repr_names_the_layers_stepper_and_options(propagator):
     text = repr(propagator)
-    assert f"layers={propagator.n_layers} ({propagator.n_layers} cylinder)" in text
+    assert "layers=4 (3 cylinder, 1 disk)" in text
     assert "stepper=RK4(step_size=10.0)" in text and "jacobian='exact'" in text and "SolenoidField" in text
 
 

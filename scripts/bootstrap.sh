@@ -22,19 +22,20 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   echo "bootstrap: creating .venv (torch CPU wheel, drjit, h5py, ...)" >&2
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  # The CPU wheel keeps CI small; GPU users install a CUDA torch into .venv themselves. Where pip's
-  # configured sources would pick another build (PyPI's Linux torch bundles CUDA, several GB),
-  # torch comes from PyTorch's CPU index instead.
+  # The CPU wheel keeps CI small; GPU users install a CUDA torch into .venv themselves. On Linux
+  # x86_64, where pip's configured sources would pick a build without "+cpu" (PyPI's bundles CUDA,
+  # several GB), torch comes from PyTorch's CPU index instead; if the check itself fails (offline,
+  # a mirror), the configured sources are used as they are.
   if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    chosen=$(.venv/bin/python -m pip install -q --dry-run --report - torch==2.13.0 2>/dev/null | .venv/bin/python -c \
+    chosen=$(.venv/bin/python -m pip install -q --dry-run --report - torch==2.13.0 | .venv/bin/python -c \
       'import json, sys; print(next(i["metadata"]["version"] for i in json.load(sys.stdin)["install"] if i["metadata"]["name"] == "torch"))' \
       2>/dev/null || true)
-    if [[ "$chosen" == *+cpu ]]; then
-      .venv/bin/python -m pip install -q torch==2.13.0
-    else
-      echo "bootstrap: torch 2.13.0 from the CPU index (pip's configured sources offer ${chosen:-no CPU build})" >&2
+    if [[ -n "$chosen" && "$chosen" != *+cpu && "$(uname -sm)" == "Linux x86_64" ]]; then
+      echo "bootstrap: torch 2.13.0 from PyTorch's CPU index (pip's configured sources offer torch $chosen)" >&2
       .venv/bin/python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
         --extra-index-url https://pypi.org/simple
+    else
+      .venv/bin/python -m pip install -q torch==2.13.0
     fi
   fi
   .venv/bin/python -m pip install -q -e '.[test]'

@@ -11,7 +11,8 @@ Structural zeros are ``None`` so that the Jacobian code skips them.
 ``proportional_to``: the name of the parameter theta with B = theta B^(r) (None if there is
 none); the transport then carries one column for q/p and theta (see ``propagation``).
 ``spatially_constant``: dB/dr = 0 everywhere (the transport then carries no position columns:
-the exact Jacobian costs what the ACTS one does, and equals it).
+the exact Jacobian costs what the ACTS one does, and equals it). A subclass of
+:class:`UniformField` whose field varies in space must set it to False.
 
 Fields
 ------

@@ -85,8 +85,9 @@ def check_tensor(
 ) -> torch.Tensor:
     """Validate a tensor argument and return it; errors name the argument.
 
-    ``shape`` entries of None match any size (named N in the error for the first dimension); ``dtype``: one dtype or a tuple of the allowed ones
-    (e.g. :data:`KERNEL_DTYPES`). ``finite`` rejects NaN/inf.
+    ``shape`` entries of None match any size (named N in the error for the first dimension);
+    ``dtype``: one dtype or a tuple of the allowed ones (e.g. :data:`KERNEL_DTYPES`). ``finite``
+    rejects NaN/inf.
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -995,7 +995,7 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
             grad_field[g] = grad_field[g] + dr.select(hit, column_grad[8 + g], 0.0)
         grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
         grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
-        dr.eval(adjoint, grad_field, grad_positions[k], grad_thickness[k], *([] if adjoint_path is None else [adjoint_path]))
+        dr.eval(adjoint, adjoint_path, grad_field, grad_positions[k], grad_thickness[k])
     # In track order (gathers of evaluated arrays: they fuse into the caller's kernel). The input
     # direction d is normalised: d T / d d = (I - T T^T) / |d|.
     adjoint, t, norm = ([dr.gather(type(zero), a, record.inverse) for a in arrays]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field as dataclass_field
 from typing import Sequence
 
@@ -391,9 +391,7 @@ class Propagator(nn.Module):
         return len(self.kernel_layers)
 
     def extra_repr(self) -> str:
-        kinds = {}
-        for layer in self.kernel_layers:
-            kinds[layer.surface.kind] = kinds.get(layer.surface.kind, 0) + 1
+        kinds = Counter(layer.surface.kind for layer in self.kernel_layers)
         o = self.options
         return (f"layers={self.n_layers} ({', '.join(f'{n} {kind}' for kind, n in kinds.items())}), "
                 f"stepper={o.stepper}, particle={o.particle.name!r}, energy_loss={o.energy_loss}, "
@@ -653,8 +651,9 @@ def free_parameters(position: torch.Tensor, momentum: torch.Tensor, charge: torc
     if charge.numel() == 1:  # one charge for all tracks
         charge = charge.reshape(())
     check_tensor(charge, "charge", shape=(n,) if charge.dim() else (), device=position.device)
-    if not bool(((charge == 1) | (charge == -1) | (charge == 0)).all()):
-        bad = charge.reshape(-1)[~((charge == 1) | (charge == -1) | (charge == 0)).reshape(-1)][0].item()
+    unit_or_neutral = (charge.abs() == 1) | (charge == 0)
+    if not bool(unit_or_neutral.all()):
+        bad = charge.reshape(-1)[~unit_or_neutral.reshape(-1)][0].item()
         raise ValueError(f"charge must be -1, +1 or 0 (neutral) [e], got {bad}: the propagator's particles have "
                          "|q| = 1 (it reads |p| = 1 / |q/p| for the material effects)")
     time = torch.zeros_like(p) if time is None else check_tensor(time, "time", shape=(n,), **like)

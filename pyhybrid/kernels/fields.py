@@ -90,7 +90,7 @@ class SolenoidField:
 
     def _u(self, zeta):
         """u and its first three zeta-derivatives at zeta, u(zeta) = zeta / sqrt(zeta^2 + R^2)."""
-        inv = 1.0 / dr.sqrt(dr.fma(zeta, zeta, self._radius2))
+        inv = inverse_sqrt(dr.fma(zeta, zeta, self._radius2))
         inv2 = inv * inv
         u1 = (self._radius2 * inv) * inv2
         u2 = (-3.0 * zeta) * u1 * inv2

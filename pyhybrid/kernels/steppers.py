@@ -194,9 +194,9 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
             b_s, grad_s, param_s = field_s = field.evaluate_with_derivatives(r_s, gradient=spatial_gradient)
         else:
             b_s, grad_s, param_s = field_s = field.evaluate(r_s), _NO_GRADIENT, None
-        kappa = _cross(t_s, b_s)
-        ks.append(tuple(lam * q for q in kappa))
-        stages.append(_StageLinearisation.of(lam, t_s, b_s, grad_s, param_s, kappa, columns))
+        stage = _StageLinearisation.of(lam, t_s, b_s, grad_s, param_s, columns)
+        ks.append(_cross(t_s, stage.lam_b))
+        stages.append(stage)
 
     # Fused multiply-adds (the value path runs every step): the weights of the docstring's r' and T'.
     r_new = tuple(dr.fma(h2 * (1.0 / 6.0), k1 + k2 + k3, dr.fma(h, ti, ri)) for ri, ti, k1, k2, k3 in zip(r, t, *ks[:3]))
@@ -215,21 +215,26 @@ _NO_GRADIENT = ((None,) * 3,) * 3  # dB/dr as structural zeros
 
 @dataclass
 class _StageLinearisation:
-    """d k_s = dT_s x (lambda B_s) + A_s dr_s + extra, with A_s = lambda [T_s]x dB/dr (shared by all columns)."""
+    """d k_s = dT_s x (lambda B_s) + A_s dr_s + extra, with A_s = [T_s]x (lambda dB/dr) (shared by all columns).
+
+    lambda multiplies B and dB/dr once per stage (a solenoid's dB/dr has four distinct entries),
+    not each product with T_s; T_s x B_s is formed only for a column that needs it (d lambda).
+    """
 
     lam_b: tuple
     a_columns: tuple         # A_s[:, j] as 3-tuples (None = zero column)
-    kappa: tuple             # T_s x B_s (for the q/p column)
+    kappa: tuple | None      # T_s x B_s (for a q/p column with d_lambda; None if there is none)
     parameter_terms: dict    # (g, per_lambda) -> lambda T_s x dB/dtheta_g (T_s x dB/dtheta_g if per_lambda)
 
     @classmethod
-    def of(cls, lam, t_s, b_s, grad_s, param_s, kappa, columns):
+    def of(cls, lam, t_s, b_s, grad_s, param_s, columns):
         lam_b = tuple(lam * b for b in b_s)
+        lam_grad = tuple(tuple(None if g is None else lam * g for g in row) for row in grad_s)
         a_columns = []
         for j in range(3):
-            column = _cross(t_s, (grad_s[0][j], grad_s[1][j], grad_s[2][j]))
-            a_columns.append(None if all(c is None for c in column)
-                             else tuple(None if c is None else lam * c for c in column))
+            column = _cross(t_s, (lam_grad[0][j], lam_grad[1][j], lam_grad[2][j]))
+            a_columns.append(None if all(c is None for c in column) else column)
+        kappa = _cross(t_s, b_s) if any(c.d_lambda is not None for c in columns) else None
         parameter_terms = {}
         for c in columns:
             if c.field_parameter is not None:

@@ -122,13 +122,16 @@ def test_gradient_ratios_alternate_the_calls_and_report_each_against_the_forward
     from pyhybrid.bench import ratios
 
     order = []
-    medians = ratios.alternate({"forward": lambda: order.append("f"), "grad": lambda: order.append("g")}, rounds=3,
-                               warmup=1)
-    assert order == ["f", "g"] * 4 and set(medians) == {"forward", "grad"}
+    times = ratios.alternate({"forward": lambda: order.append("f"), "grad": lambda: order.append("g")}, rounds=3,
+                             warmup=1)
+    assert order == ["f", "g"] * 4 and {name: len(t) for name, t in times.items()} == {"forward": 3, "grad": 3}
+    # Ratios within each round: 2, 3, 4 -> median 3 (the ratio of the median times would be 2.5).
+    lines = ratios.report("t", {"forward": [1.0, 2.0, 1.0], "grad": [2.0, 6.0, 4.0]}).splitlines()
+    assert lines[2].split()[-3:] == ["3.00x", "forward", "[2.00-4.00]"]
     ratios.main(["--topic", "me", "--size", "64", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if not line.startswith(" ")] == [f"{p}, 64 events" for p in ("ee_mumu", "ee_qqg", "gg_tt")]
-    assert sum(line.split()[0] == "forward" and line.endswith("1.00x forward") for line in lines) == 3
+    assert sum(line.split()[0] == "forward" and line.endswith("1.00x forward [1.00-1.00]") for line in lines) == 3
     with pytest.raises(SystemExit):
         ratios.main(["--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err

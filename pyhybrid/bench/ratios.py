@@ -4,8 +4,9 @@ The targets "forward + gradient <= 4x the forward" (propagation) and "gradient <
 (matrix elements) compare two calls of the same module. ``pyhybrid bench`` times each case in
 its own process and batch size against torch eager; here the forward and the gradient calls of
 one workload run round by round in one process, so that the machine's drift (large on shared
-VMs) affects them alike. Each entry is the median over the rounds; the ratio is to the median
-forward.
+VMs) affects them alike. Each entry is the median time over the rounds and the median, smallest
+and largest of its per-round ratios to the forward of the same round (a ratio within one round
+cancels the drift between rounds).
 
 Usage: ``python -m pyhybrid.bench.ratios [--topic propagate|me] [--size N] [--rounds R]``
 (workloads of :mod:`pyhybrid.bench.propagate` and :mod:`pyhybrid.bench.me`, CPU, float32;
@@ -36,8 +37,9 @@ def matrix_element_calls(process: str, n_events: int, precision: str = "float32"
             for mode in ("forward", "grad-params", "grad-all")}
 
 
-def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call, the calls alternating round by round (after ``warmup`` rounds)."""
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls``, one entry per round, the calls alternating round by
+    round (after ``warmup`` rounds that are not kept)."""
     times = {name: [] for name in calls}
     for round_index in range(warmup + rounds):
         for name, call in calls.items():
@@ -45,13 +47,16 @@ def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int =
             call()
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def report(title: str, medians: dict[str, float]) -> str:
-    forward = medians["forward"]
-    lines = [title] + [f"  {name:14s} {seconds * 1e3:9.2f} ms  {seconds / forward:5.2f}x forward"
-                       for name, seconds in medians.items()]
+def report(title: str, times: dict[str, list[float]]) -> str:
+    """Per call: median time, and the median [smallest-largest] of its per-round ratios to "forward"."""
+    lines = [title]
+    for name, seconds in times.items():
+        ratios = [t / f for t, f in zip(seconds, times["forward"])]
+        lines.append(f"  {name:14s} {statistics.median(seconds) * 1e3:9.2f} ms  {statistics.median(ratios):5.2f}x forward"
+                     f" [{min(ratios):.2f}-{max(ratios):.2f}]")
     return "\n".join(lines)
 
 

@@ -36,6 +36,13 @@ def test_writes_cells_with_metadata_and_calibrates(tmp_path):
     assert abs(calibrated.std() / calibrated.mean() / expected - 1) < 0.15
 
 
+def test_n_layers_is_the_python_name_of_layers(tmp_path):
+    path = tmp_path / "n.h5"
+    result = CliRunner().invoke(main, ["run", "calorimeter", "--events", "10", "--n-layers", "12", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    assert read_events(path).metadata["parameters"]["n_layers"] == 12
+
+
 def test_same_seed_reproduces_and_batches_differ(tmp_path):
     a, _ = run(tmp_path, "a.h5", "--seed", "7")
     b, _ = run(tmp_path, "b.h5", "--seed", "7")
@@ -57,6 +64,6 @@ def test_rejects_bad_options(tmp_path):
         assert result.exit_code == 2 and "finite" in result.output, (option, result.output)
     for options, message in [(["--absorber", "scintillator", "--active", "lead"], "must not have a lower Z"),
                              (["--cells", "16"], "'--cells': 16 is not in the range 1<=x<=15"),
-                             (["--layers", "100000"], "'--layers': 100000 is not in the range 1<=x<=1000")]:
+                             (["--layers", "100000"], "'--layers' / '--n-layers': 100000 is not in the range 1<=x<=1000")]:
         result = runner.invoke(main, ["run", "calorimeter", *options, "-o", str(tmp_path / "x.h5")])
         assert result.exit_code == 2 and message in result.output, (options, result.output)

@@ -247,7 +247,7 @@ def test_adaptive_stepper_agrees_with_rk4():
 def test_cli_run_writes_hits(tmp_path):
     path = tmp_path / "hits.h5"
     result = CliRunner().invoke(main, ["run", "propagate", "--tracks", "300", "--field", "solenoid", "--device", "cpu",
-                                       "--seed", "5", "--batch-size", "128", "-o", str(path)])
+                                       "--seed", "5", "--batch-size", "128", "--b0", "2.5", "-o", str(path)])
     assert result.exit_code == 0, result.output
     events = read_events(path)
     assert events.n_events == 300
@@ -262,10 +262,11 @@ def test_cli_run_writes_hits(tmp_path):
                                rtol=1e-5)
     assert events.metadata["parameters"]["field"] == "solenoid" and events.metadata["seed"] == 5
     assert events.metadata["parameters"]["batch_size"] == 128 and events.metadata["parameters"]["tracks"] == 300
+    assert events.metadata["parameters"]["bfield"] == 2.5  # --b0: the Python name of --bfield
     assert events.complete is True
     again = tmp_path / "again.h5"
     CliRunner().invoke(main, ["run", "propagate", "--tracks", "300", "--seed", "5", "--batch-size", "128",
-                              "-o", str(again)])
+                              "--bfield", "2.5", "-o", str(again)])
     np.testing.assert_array_equal(read_events(again).fixed["local"], events.fixed["local"])
     assert math.isfinite(float(events.fixed["path_length"].max()))
 

@@ -42,8 +42,8 @@ __all__ = ["command"]
 @click.option("--active", type=click.Choice(sorted(kernel.MATERIALS)), default="scintillator", show_default=True)
 @click.option("--absorber-thickness", type=finite(min=0, min_open=True), default=2.0, show_default=True, help="[mm]")
 @click.option("--active-thickness", type=finite(min=0, min_open=True), default=4.0, show_default=True, help="[mm]")
-@click.option("--layers", "n_layers", type=click.IntRange(1, kernel.MAX_LAYERS), default=40, show_default=True,
-              help="Sampling layers (absorber + active).")
+@click.option("--layers", "--n-layers", "n_layers", type=click.IntRange(1, kernel.MAX_LAYERS), default=40,
+              show_default=True, help="Sampling layers (absorber + active); n_layers in Python.")
 @click.option("--layers-per-segment", type=click.IntRange(min=1), default=1, show_default=True,
               help="Layers summed into one longitudinal readout segment.")
 @click.option("--cells", "n_cells", type=click.IntRange(1, kernel.MAX_CELLS), default=5, show_default=True,

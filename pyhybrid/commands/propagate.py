@@ -49,7 +49,8 @@ def _floats(text: str, name: str) -> list[float]:
 @click.command("propagate")
 @click.option("--tracks", type=click.IntRange(min=1), default=10000, show_default=True, help="Number of tracks (events).")
 @click.option("--field", "field_kind", type=click.Choice(["solenoid", "uniform"]), default="solenoid", show_default=True)
-@click.option("--bfield", type=finite(), default=2.0, show_default=True, help="Central / uniform field B_z [T].")
+@click.option("--bfield", "--b0", "bfield", type=finite(), default=2.0, show_default=True,
+              help="Central / uniform field B_z [T] (b0 of the Python field classes).")
 @click.option("--solenoid-radius", type=finite(min=0, min_open=True), default=1200.0, show_default=True,
               help="Coil radius [mm].")
 @click.option("--solenoid-half-length", type=finite(min=0, min_open=True), default=3000.0,

@@ -255,6 +255,35 @@ def test_gradients_on_a_large_batch_match_torch_autograd(process, momenta_grad):
         torch.testing.assert_close(momenta.grad, reference_momenta.grad, rtol=1e-10, atol=1e-13 * scale)
 
 
+def test_replayed_gradients_follow_the_batch_size_and_match_traced_ones():
+    """The backward's kernels are recorded per configuration and batch size (dr.freeze) and replayed:
+    alternating batch sizes (one event included) give what tracing every call gives, bit for bit."""
+    import drjit as dr
+
+    from pyhybrid.nn import matrix_element
+
+    module = MatrixElement("ee_qqg").double()
+    matrix_element._FROZEN_GRADIENTS.clear()
+    for n in (40, 1, 40, 7):
+        momenta = _momenta("ee_qqg", n, seed=n)
+        weights = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+        results = []
+        for freezing in (True, False):
+            dr.set_flag(dr.JitFlag.KernelFreezing, freezing)
+            try:
+                module.zero_grad(set_to_none=True)
+                leaf = momenta.clone().requires_grad_()
+                (weights * module(leaf)).sum().backward()
+                results.append([leaf.grad] + [p.grad for p in module.parameters()])
+            finally:
+                dr.set_flag(dr.JitFlag.KernelFreezing, True)
+        for frozen, traced in zip(*results):
+            torch.testing.assert_close(frozen, traced, rtol=0, atol=0)
+    # One recording per batch size: the second call with 40 events replayed the first one's.
+    assert {key[1]: frozen.run.n_recordings for key, frozen in matrix_element._FROZEN_GRADIENTS.items()} == \
+        {40: 1, 1: 1, 7: 1}
+
+
 def test_parameter_gradients_match_finite_differences_of_sigma():
     """d sigma / d theta of the exact (Gauss-Legendre) sigma(e+e- -> mu+mu-) vs central differences."""
     module = TwoBodyCrossSection("ee_mumu").double()

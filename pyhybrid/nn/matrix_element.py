@@ -29,6 +29,7 @@ G_mu scheme, where alpha = sqrt(2) G_F mZ^2 sin^2 cos^2 / pi; G_F =
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import drjit as dr
 import numpy as np
@@ -88,8 +89,49 @@ def _four_vectors(columns) -> list:
 
 
 def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, process, flavour, scheme, output):
-    """Backward pass of :class:`MatrixElement`: the value recomputed from the saved momenta, in one
-    kernel that also reduces the gradients with the weights g.
+    """Backward pass of :class:`MatrixElement`: :func:`_matrix_element_gradients`, whose kernels are
+    recorded with ``dr.freeze`` on the first call of a configuration and batch size and replayed on
+    later ones (see :class:`_FrozenGradients`)."""
+    flat, *parameters = saved
+    n_events = dr.width(flat) // (4 * get_process(process).n_particles)
+    key = (type(flat), n_events, tuple(needs), process, flavour, scheme, output)
+    frozen = _FROZEN_GRADIENTS.pop(key, None) or _FrozenGradients(*key[2:])
+    _FROZEN_GRADIENTS[key] = frozen
+    if len(_FROZEN_GRADIENTS) > _MAX_FROZEN_GRADIENTS:
+        _FROZEN_GRADIENTS.popitem(last=False)
+    arrays = iter(frozen.run(flat, grad_outputs[0], *parameters))
+    return [next(arrays) if need else None for need in needs]
+
+
+class _FrozenGradients:
+    """:func:`_matrix_element_gradients` of one configuration and batch size under ``dr.freeze``.
+
+    Tracing the reverse-mode graph and the parameter duals in Python costs ~1.5-3 ms per backward
+    pass, more than the kernel itself below ~10^5 events; a replay skips it. Everything the trace
+    depends on is an input (momenta, incoming gradient, parameters) or part of the key, which holds
+    the batch size because the kernels allocate arrays of its size (a recorded allocation keeps its
+    size on replay). ``dr.freeze`` itself records again for a new input layout (float32 vs
+    float64, one event). Turned off with Dr.Jit's ``KernelFreezing`` flag.
+    """
+
+    def __init__(self, needs, process, flavour, scheme, output):
+        self.needs, self.static = needs, dict(process=process, flavour=flavour, scheme=scheme, output=output)
+        # A bound method, not a closure: dr.freeze walks what a closure captures on every call.
+        self.run = dr.freeze(self._gradients)
+
+    def _gradients(self, flat, weight, *parameters):
+        grads = _matrix_element_gradients(flat, weight, parameters, self.needs, **self.static)
+        return [g for g in grads if g is not None]
+
+
+# Frozen gradients by (array type, batch size, needs, configuration), least recently used first.
+_FROZEN_GRADIENTS: OrderedDict = OrderedDict()
+_MAX_FROZEN_GRADIENTS = 16
+
+
+def _matrix_element_gradients(flat, weight, parameters, needs, *, process, flavour, scheme, output):
+    """Gradients of sum(weight * value) with respect to the flat momenta and the ``needs``-selected
+    parameters, in one kernel that recomputes the value from the momenta.
 
     Parameters: forward mode. Each parameter that needs a gradient is one Dual column; the process's
     parameter-only coefficients and their derivatives are evaluated first (a one-lane kernel), so that
@@ -98,8 +140,6 @@ def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, process, flavo
     Momenta: Dr.Jit reverse-mode AD of the per-event part alone, the coefficients being constants
     of it (not recomputed and differentiated per event).
     """
-    flat, *parameters = saved
-    weight = grad_outputs[0]
     proc = get_process(process)
     needed = [i for i, need in enumerate(needs[1:]) if need]
     duals = [dm.Dual(p, [1.0 if j == i else None for j in needed]) for i, p in enumerate(parameters)]

@@ -256,14 +256,14 @@ def test_gradients_on_a_large_batch_match_torch_autograd(process, momenta_grad):
 
 
 def test_replayed_gradients_follow_the_batch_size_and_match_traced_ones():
-    """The backward's kernels are recorded per configuration and batch size (dr.freeze) and replayed:
+    """Both passes' kernels are recorded per configuration and batch size (dr.freeze) and replayed:
     alternating batch sizes (one event included) give what tracing every call gives, bit for bit."""
     import drjit as dr
 
     from pyhybrid.nn import matrix_element
 
     module = MatrixElement("ee_qqg").double()
-    matrix_element._FROZEN_GRADIENTS.clear()
+    matrix_element._FROZEN.clear()
     for n in (40, 1, 40, 7):
         momenta = _momenta("ee_qqg", n, seed=n)
         weights = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
@@ -273,15 +273,21 @@ def test_replayed_gradients_follow_the_batch_size_and_match_traced_ones():
             try:
                 module.zero_grad(set_to_none=True)
                 leaf = momenta.clone().requires_grad_()
-                (weights * module(leaf)).sum().backward()
-                results.append([leaf.grad] + [p.grad for p in module.parameters()])
+                value = module(leaf)
+                (weights * value).sum().backward()
+                results.append([value.detach(), leaf.grad] + [p.grad for p in module.parameters()])
             finally:
                 dr.set_flag(dr.JitFlag.KernelFreezing, True)
         for frozen, traced in zip(*results):
             torch.testing.assert_close(frozen, traced, rtol=0, atol=0)
-    # One recording per batch size: the second call with 40 events replayed the first one's.
-    assert {key[1]: frozen.run.n_recordings for key, frozen in matrix_element._FROZEN_GRADIENTS.items()} == \
-        {40: 1, 1: 1, 7: 1}
+    # One recording per pass and batch size: the second call with 40 events replayed the first one's.
+    recordings = {(key[0].__name__, key[2]): frozen.run.n_recordings for key, frozen in matrix_element._FROZEN.items()}
+    assert recordings == {(name, n): 1 for name in ("_checked_value", "_matrix_element_gradients") for n in (40, 1, 7)}
+    # The replayed validation still names a bad event.
+    momenta = _momenta("ee_qqg", 40, seed=40)
+    momenta[17, 2, 1] += 1.0
+    with pytest.raises(ValueError, match="event 17 violates energy-momentum conservation"):
+        module(momenta)
 
 
 def test_parameter_gradients_match_finite_differences_of_sigma():

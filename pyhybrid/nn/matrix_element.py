@@ -69,18 +69,31 @@ def _matrix_element_value(vectors, proc, coefficients, output):
 
 
 def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output, tolerance):
-    """Forward pass of :class:`MatrixElement`: one kernel for the value and, with a
-    ``tolerance``, the input validation. Returns (value, inputs): the backward pass
+    """Forward pass of :class:`MatrixElement`: one kernel for the value and, with a ``tolerance``,
+    the input validation (:func:`_checked_value`, replayed by ``dr.freeze``, see :func:`_frozen`);
+    raises ValueError naming the first bad event. Returns (value, inputs): the backward pass
     recomputes what it needs from the inputs (see :func:`_matrix_element_vjp`)."""
+    n_particles = get_process(process).n_particles
+    value, *failed = _frozen(_checked_value, flat, n_particles, process=process, flavour=flavour,
+                             scheme=scheme, output=output, tolerance=tolerance)(flat, *parameters)
+    if failed and failed[0][0] != 0:
+        _raise_for_bad_momenta(flat, parameters, process, scheme, tolerance)
+    return value, (flat, *parameters)
+
+
+def _checked_value(flat, *parameters, process, flavour, scheme, output, tolerance):
+    """[value] or, with a ``tolerance``, [value, flag]: the flag (one lane) is 1 if some event fails
+    the checks of :func:`_bad_momenta`, computed in the value's kernel."""
     proc = get_process(process)
     vectors = _four_vectors(_four_vector_columns(flat, proc.n_particles))
     params = _sm_parameters(*parameters, scheme)
     value = _matrix_element_value(vectors, proc, proc.coefficients_of(params, flavour), output)
-    if tolerance is not None:
-        _raise_for_bad_momenta(vectors, proc, params, tolerance, [value])
-    else:
+    if tolerance is None:
         dr.eval(value)
-    return value, (flat, *parameters)
+        return [value]
+    failed = any_lane_flag(_bad_momenta(vectors, proc, params, tolerance)[0], type(value))
+    dr.eval(value, failed)
+    return [value, failed]
 
 
 def _four_vectors(columns) -> list:
@@ -89,49 +102,55 @@ def _four_vectors(columns) -> list:
 
 
 def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, process, flavour, scheme, output):
-    """Backward pass of :class:`MatrixElement`: :func:`_matrix_element_gradients`, whose kernels are
-    recorded with ``dr.freeze`` on the first call of a configuration and batch size and replayed on
-    later ones (see :class:`_FrozenGradients`)."""
+    """Backward pass of :class:`MatrixElement`: :func:`_matrix_element_gradients`, replayed by
+    ``dr.freeze`` (see :func:`_frozen`)."""
     flat, *parameters = saved
-    n_events = dr.width(flat) // (4 * get_process(process).n_particles)
-    key = (type(flat), n_events, tuple(needs), process, flavour, scheme, output)
-    frozen = _FROZEN_GRADIENTS.pop(key, None) or _FrozenGradients(*key[2:])
-    _FROZEN_GRADIENTS[key] = frozen
-    if len(_FROZEN_GRADIENTS) > _MAX_FROZEN_GRADIENTS:
-        _FROZEN_GRADIENTS.popitem(last=False)
-    arrays = iter(frozen.run(flat, grad_outputs[0], *parameters))
+    gradients = _frozen(_matrix_element_gradients, flat, get_process(process).n_particles, needs=tuple(needs),
+                        process=process, flavour=flavour, scheme=scheme, output=output)
+    arrays = iter(gradients(flat, grad_outputs[0], *parameters))
     return [next(arrays) if need else None for need in needs]
 
 
-class _FrozenGradients:
-    """:func:`_matrix_element_gradients` of one configuration and batch size under ``dr.freeze``.
+class _Frozen:
+    """A kernel function with fixed keyword arguments under ``dr.freeze`` (see :func:`_frozen`)."""
 
-    Tracing the reverse-mode graph and the parameter duals in Python costs ~1.5-3 ms per backward
-    pass, more than the kernel itself below ~10^5 events; a replay skips it. Everything the trace
-    depends on is an input (momenta, incoming gradient, parameters) or part of the key, which holds
-    the batch size because the kernels allocate arrays of its size (a recorded allocation keeps its
-    size on replay). ``dr.freeze`` itself records again for a new input layout (float32 vs
-    float64, one event). Turned off with Dr.Jit's ``KernelFreezing`` flag.
-    """
-
-    def __init__(self, needs, process, flavour, scheme, output):
-        self.needs, self.static = needs, dict(process=process, flavour=flavour, scheme=scheme, output=output)
+    def __init__(self, function, static: dict):
+        self.function, self.static = function, static
         # A bound method, not a closure: dr.freeze walks what a closure captures on every call.
-        self.run = dr.freeze(self._gradients)
+        self.run = dr.freeze(self._call)
 
-    def _gradients(self, flat, weight, *parameters):
-        grads = _matrix_element_gradients(flat, weight, parameters, self.needs, **self.static)
-        return [g for g in grads if g is not None]
-
-
-# Frozen gradients by (array type, batch size, needs, configuration), least recently used first.
-_FROZEN_GRADIENTS: OrderedDict = OrderedDict()
-_MAX_FROZEN_GRADIENTS = 16
+    def _call(self, *arrays):
+        return self.function(*arrays, **self.static)
 
 
-def _matrix_element_gradients(flat, weight, parameters, needs, *, process, flavour, scheme, output):
+# Frozen kernel functions by (function, array type, batch size, keyword arguments), least recently used first.
+_FROZEN: OrderedDict = OrderedDict()
+_MAX_FROZEN = 32
+
+
+def _frozen(function, flat, n_particles: int, **static):
+    """``function`` with the keyword arguments ``static``, recorded with ``dr.freeze`` on the first
+    call for this configuration, array type and batch size and replayed on later calls.
+
+    Tracing in Python (the value and validation: ~0.3 ms; the backward's parameter duals and
+    reverse-mode graph: 1.5-3 ms) costs more than the kernels below ~10^5 events; a replay skips it.
+    Everything the trace depends on is an input (momenta, parameters, incoming gradient) or part of
+    the key, which holds the batch size because the kernels allocate arrays of its size (a recorded
+    allocation keeps its size on replay). ``dr.freeze`` itself records again for a new input layout
+    (float32 vs float64, one event). Turned off with Dr.Jit's ``KernelFreezing`` flag.
+    """
+    key = (function, type(flat), dr.width(flat) // (4 * n_particles), tuple(sorted(static.items())))
+    frozen = _FROZEN.pop(key, None) or _Frozen(function, static)
+    _FROZEN[key] = frozen
+    if len(_FROZEN) > _MAX_FROZEN:
+        _FROZEN.popitem(last=False)
+    return frozen.run
+
+
+def _matrix_element_gradients(flat, weight, *parameters, needs, process, flavour, scheme, output):
     """Gradients of sum(weight * value) with respect to the flat momenta and the ``needs``-selected
-    parameters, in one kernel that recomputes the value from the momenta.
+    parameters (the arrays of those that need one, in input order), in one kernel that recomputes the
+    value from the momenta.
 
     Parameters: forward mode. Each parameter that needs a gradient is one Dual column; the process's
     parameter-only coefficients and their derivatives are evaluated first (a one-lane kernel), so that
@@ -150,23 +169,24 @@ def _matrix_element_gradients(flat, weight, parameters, needs, *, process, flavo
         columns = tuple(type(c)(c) for c in columns)  # AD leaves: their gradients need no scatter into flat
         dr.enable_grad(columns)
     value = _matrix_element_value(_four_vectors(columns), proc, coefficients, output)
-    grads = [None] * (1 + len(parameters))
+    grads = []
     if needs[0]:
         dr.set_grad(value.value, weight)
         dr.enqueue(dr.ADMode.Backward, value.value)
         dr.traverse(dr.ADMode.Backward)
-        grads[0] = _interleave_four_vectors([dr.grad(c) for c in columns])
-    for column, i in enumerate(needed):
+        grads.append(_interleave_four_vectors([dr.grad(c) for c in columns]))
+    for column in range(len(needed)):
         derivative = value.tangents[column]
         # Block sums of a 1-element input's gradient: the bridge adds them up (in torch: no more kernels).
-        grads[1 + i] = dr.zeros(type(weight), 1) if derivative is None else _block_sums(weight * derivative)
-    dr.eval(*[g for g in grads if g is not None])  # one kernel reading the momenta
+        grads.append(dr.zeros(type(weight), 1) if derivative is None else _block_sums(weight * derivative))
+    dr.eval(*grads)  # one kernel reading the momenta
     return grads
 
 
-def _raise_for_bad_momenta(vectors, proc, params, tolerance, pending) -> None:
-    """Evaluate the ``pending`` arrays and validate the momenta in one kernel; raise ValueError
-    naming the first event below threshold, off-shell or not conserving momentum.
+def _bad_momenta(vectors, proc, params, tolerance):
+    """(bad, below, unbalanced, s, threshold, conservation, off_shell, masses): ``bad`` per event,
+    True below threshold, off shell or not conserving momentum, with the masks and quantities it was
+    decided on.
 
     Bounds: sqrt(s) > sum of outgoing masses; max |sum p_in - sum p_out| <= tol sqrt(s);
     |p_i^2 - m_i^2| <= tol s, and s finite. Written without divisions or square roots (they
@@ -183,27 +203,33 @@ def _raise_for_bad_momenta(vectors, proc, params, tolerance, pending) -> None:
         bad = below | unbalanced
         for residual in off_shell:
             bad = bad | ~(residual <= tolerance * s)
-        failed = any_lane_flag(bad, type(s))
-        dr.eval(*pending, failed)  # one fused kernel with the matrix element
-        if failed[0] == 0:
-            return
-        i = int(dr.compress(bad)[0])
+        return bad, below, unbalanced, s, threshold, conservation, off_shell, masses
 
-        def at(array) -> float:  # one lane of a (possibly broadcast) Dr.Jit array
-            return float(dr.ravel(array + 0.0 * s)[i])
 
-        s_i = at(s)
-        if below[i]:
-            raise ValueError(f"momenta: event {i} has s = {s_i:.6g} GeV^2, sqrt(s) not above the "
-                             f"{proc.name} threshold {at(threshold):.6g} GeV (or not finite)")
-        if unbalanced[i]:
-            raise ValueError(f"momenta: event {i} violates energy-momentum conservation by "
-                             f"{at(conservation) / math.sqrt(s_i):.3g} sqrt(s) (tolerance {tolerance:g}), "
-                             "or is not finite")
-        j = next(j for j, r in enumerate(off_shell) if not at(r) <= tolerance * s_i)
-        raise ValueError(f"momenta: particle {j} of event {i} has mass^2 {at(vectors[j].mass2()):.6g} GeV^2 but "
-                         f"must be on shell with mass {at(masses[j]):.6g} GeV (|p^2 - m^2| = "
-                         f"{at(off_shell[j]) / s_i:.3g} s, tolerance {tolerance:g})")
+def _raise_for_bad_momenta(flat, parameters, process, scheme, tolerance) -> None:
+    """Raise ValueError naming the first event of ``flat`` that :func:`_bad_momenta` rejects (traced,
+    after the forward kernel's flag said there is one)."""
+    proc = get_process(process)
+    vectors = _four_vectors(_four_vector_columns(flat, proc.n_particles))
+    bad, below, unbalanced, s, threshold, conservation, off_shell, masses = _bad_momenta(
+        vectors, proc, _sm_parameters(*parameters, scheme), tolerance)
+    i = int(dr.compress(bad)[0])
+
+    def at(array) -> float:  # one lane of a (possibly broadcast) Dr.Jit array
+        return float(dr.ravel(array + 0.0 * s)[i])
+
+    s_i = at(s)
+    if below[i]:
+        raise ValueError(f"momenta: event {i} has s = {s_i:.6g} GeV^2, sqrt(s) not above the "
+                         f"{proc.name} threshold {at(threshold):.6g} GeV (or not finite)")
+    if unbalanced[i]:
+        raise ValueError(f"momenta: event {i} violates energy-momentum conservation by "
+                         f"{at(conservation) / math.sqrt(s_i):.3g} sqrt(s) (tolerance {tolerance:g}), "
+                         "or is not finite")
+    j = next(j for j, r in enumerate(off_shell) if not at(r) <= tolerance * s_i)
+    raise ValueError(f"momenta: particle {j} of event {i} has mass^2 {at(vectors[j].mass2()):.6g} GeV^2 but "
+                     f"must be on shell with mass {at(masses[j]):.6g} GeV (|p^2 - m^2| = "
+                     f"{at(off_shell[j]) / s_i:.3g} s, tolerance {tolerance:g})")
 
 
 def _two_body_cross_section_kernel(cos_theta, sqrt_s, *parameters, process, flavour, scheme):

@@ -22,6 +22,7 @@ output that is a Dr.Jit mask (Bool) array becomes a ``torch.bool`` tensor, which
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -427,6 +428,23 @@ def _seed(output, grad) -> None:
     if dr.grad_enabled(output):
         dr.set_grad(output, grad)
         dr.enqueue(dr.ADMode.Backward, output)
+
+
+class LeastRecentlyUsed(OrderedDict):
+    """At most ``limit`` entries, least recently used first: the modules' caches of ``dr.freeze``
+    functions, each of which holds its recorded kernels."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def get_or_make(self, key, make: Callable[[], Any]):
+        """The entry for ``key`` (``make()`` when there is none), now the most recently used."""
+        entry = self.pop(key) if key in self else make()
+        self[key] = entry
+        if len(self) > self.limit:
+            self.popitem(last=False)
+        return entry
 
 
 def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static) -> Callable:

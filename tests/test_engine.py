@@ -401,3 +401,16 @@ def test_modules_upcast_low_precision_activations_under_autocast():
     assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
     with pytest.raises(TypeError, match="momenta must be float32 or float64, got torch.bfloat16"):
         matrix_element(momenta.bfloat16())
+
+
+def test_least_recently_used_cache_makes_missing_entries_and_drops_the_oldest():
+    from pyhybrid.engine import LeastRecentlyUsed
+
+    cache, made = LeastRecentlyUsed(2), []
+
+    def make(key):
+        made.append(key)
+        return key.upper()
+
+    assert [cache.get_or_make(k, lambda k=k: make(k)) for k in "abac"] == ["A", "B", "A", "C"]
+    assert made == ["a", "b", "c"] and list(cache) == ["a", "c"]  # b was the least recently used

@@ -29,14 +29,14 @@ G_mu scheme, where alpha = sqrt(2) G_F mZ^2 sin^2 cos^2 / pi; G_F =
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import drjit as dr
 import numpy as np
 import torch
 from torch import nn
 
-from pyhybrid.engine import KERNEL_DTYPES, autocast_input, check_tensor, empty_batch, kernel_function
+from pyhybrid.engine import (KERNEL_DTYPES, LeastRecentlyUsed, autocast_input, check_tensor, empty_batch,
+                             kernel_function)
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
@@ -123,9 +123,8 @@ class _Frozen:
         return self.function(*arrays, **self.static)
 
 
-# Frozen kernel functions by (function, array type, batch size, keyword arguments), least recently used first.
-_FROZEN: OrderedDict = OrderedDict()
-_MAX_FROZEN = 32
+# Frozen kernel functions by (function, array type, batch size, keyword arguments).
+_FROZEN = LeastRecentlyUsed(32)
 
 
 def _frozen(function, flat, n_particles: int, **static):
@@ -140,11 +139,7 @@ def _frozen(function, flat, n_particles: int, **static):
     (float32 vs float64, one event). Turned off with Dr.Jit's ``KernelFreezing`` flag.
     """
     key = (function, type(flat), dr.width(flat) // (4 * n_particles), tuple(sorted(static.items())))
-    frozen = _FROZEN.pop(key, None) or _Frozen(function, static)
-    _FROZEN[key] = frozen
-    if len(_FROZEN) > _MAX_FROZEN:
-        _FROZEN.popitem(last=False)
-    return frozen.run
+    return _FROZEN.get_or_make(key, lambda: _Frozen(function, static)).run
 
 
 def _matrix_element_gradients(flat, weight, *parameters, needs, process, flavour, scheme, output):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field as dataclass_field
 from typing import Sequence
 
@@ -41,7 +41,8 @@ import drjit as dr
 import torch
 from torch import nn
 
-from pyhybrid.engine import KERNEL_DTYPES, autocast_input, check_tensor, empty_batch, kernel_function, types_for
+from pyhybrid.engine import (KERNEL_DTYPES, LeastRecentlyUsed, autocast_input, check_tensor, empty_batch,
+                             kernel_function, types_for)
 from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
@@ -574,16 +575,11 @@ def _freezable(freeze: bool, options: kprop.PropagationOptions) -> bool:
 
 
 # Frozen propagations by configuration, least recently used first.
-_FROZEN: OrderedDict = OrderedDict()
-_MAX_FROZEN = 32
+_FROZEN = LeastRecentlyUsed(32)
 
 
 def _frozen(config: _Configuration) -> _FrozenPropagation:
-    frozen = _FROZEN.pop(config, None) or _FrozenPropagation(config)
-    _FROZEN[config] = frozen
-    if len(_FROZEN) > _MAX_FROZEN:
-        _FROZEN.popitem(last=False)
-    return frozen
+    return _FROZEN.get_or_make(config, lambda: _FrozenPropagation(config))
 
 
 def _row_capacity(n: int) -> int:

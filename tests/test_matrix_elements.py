@@ -281,7 +281,8 @@ def test_replayed_gradients_follow_the_batch_size_and_match_traced_ones():
         for frozen, traced in zip(*results):
             torch.testing.assert_close(frozen, traced, rtol=0, atol=0)
     # One recording per pass and batch size: the second call with 40 events replayed the first one's.
-    recordings = {(key[0].__name__, key[2]): frozen.run.n_recordings for key, frozen in matrix_element._FROZEN.items()}
+    recordings = {(key[0].__name__, key[1][0][1] // 20): frozen.run.n_recordings  # key[1]: (type, width) of the inputs
+                  for key, frozen in matrix_element._FROZEN.items()}
     assert recordings == {(name, n): 1 for name in ("_checked_value", "_matrix_element_gradients") for n in (40, 1, 7)}
     # The replayed validation still names a bad event.
     momenta = _momenta("ee_qqg", 40, seed=40)
@@ -319,6 +320,31 @@ def test_gradcheck_two_body_cross_section():
     cos_theta = torch.tensor([-0.8, 0.1, 0.7], dtype=torch.float64, requires_grad=True)
     sqrt_s = torch.tensor(420.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c, r: module(c, r), (cos_theta, sqrt_s), eps=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("broadcast_energy", [True, False], ids=["one sqrt_s", "sqrt_s per point"])
+def test_two_body_cross_section_replays_match_traced_calls(broadcast_energy):
+    """TwoBodyCrossSection's recorded kernels (keyed by the input widths, one-lane inputs broadcast)
+    give the traced values and gradients bit for bit, for a repeated size and a new one."""
+    import drjit as dr
+
+    module = TwoBodyCrossSection("ee_mumu").double()
+    for n in (5, 5, 9):
+        cos_theta = torch.linspace(-0.9, 0.8, n, dtype=torch.float64)
+        energy = torch.tensor(91.0, dtype=torch.float64) if broadcast_energy else torch.linspace(88, 95, n).double()
+        results = []
+        for freezing in (True, False):
+            dr.set_flag(dr.JitFlag.KernelFreezing, freezing)
+            try:
+                module.zero_grad(set_to_none=True)
+                leaves = cos_theta.clone().requires_grad_(), energy.clone().requires_grad_()
+                value = module(*leaves)
+                torch.log(value).sum().backward()
+                results.append([value.detach(), *(leaf.grad for leaf in leaves), module.mz.grad, module.alpha.grad])
+            finally:
+                dr.set_flag(dr.JitFlag.KernelFreezing, True)
+        for frozen, traced in zip(*results):
+            torch.testing.assert_close(frozen, traced, rtol=0, atol=0)
 
 
 def test_float32_gradients_agree_with_float64():

@@ -73,8 +73,7 @@ def _matrix_element_forward(flat, *parameters, process, flavour, scheme, output,
     the input validation (:func:`_checked_value`, replayed by ``dr.freeze``, see :func:`_frozen`);
     raises ValueError naming the first bad event. Returns (value, inputs): the backward pass
     recomputes what it needs from the inputs (see :func:`_matrix_element_vjp`)."""
-    n_particles = get_process(process).n_particles
-    value, *failed = _frozen(_checked_value, flat, n_particles, process=process, flavour=flavour,
+    value, *failed = _frozen(_checked_value, (flat, *parameters), process=process, flavour=flavour,
                              scheme=scheme, output=output, tolerance=tolerance)(flat, *parameters)
     if failed and failed[0][0] != 0:
         _raise_for_bad_momenta(flat, parameters, process, scheme, tolerance)
@@ -105,10 +104,16 @@ def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, process, flavo
     """Backward pass of :class:`MatrixElement`: :func:`_matrix_element_gradients`, replayed by
     ``dr.freeze`` (see :func:`_frozen`)."""
     flat, *parameters = saved
-    gradients = _frozen(_matrix_element_gradients, flat, get_process(process).n_particles, needs=tuple(needs),
-                        process=process, flavour=flavour, scheme=scheme, output=output)
-    arrays = iter(gradients(flat, grad_outputs[0], *parameters))
-    return [next(arrays) if need else None for need in needs]
+    arrays = (flat, grad_outputs[0], *parameters)
+    gradients = _frozen(_matrix_element_gradients, arrays, needs=tuple(needs), process=process, flavour=flavour,
+                        scheme=scheme, output=output)(*arrays)
+    return _in_place_of_needed(gradients, needs)
+
+
+def _in_place_of_needed(gradients: list, needs) -> list:
+    """The gradients of the inputs that need one, at their places in a list over all inputs (None elsewhere)."""
+    gradients = iter(gradients)
+    return [next(gradients) if need else None for need in needs]
 
 
 class _Frozen:
@@ -123,22 +128,23 @@ class _Frozen:
         return self.function(*arrays, **self.static)
 
 
-# Frozen kernel functions by (function, array type, batch size, keyword arguments).
+# Frozen kernel functions by (function, array types and widths, keyword arguments).
 _FROZEN = LeastRecentlyUsed(32)
 
 
-def _frozen(function, flat, n_particles: int, **static):
+def _frozen(function, arrays, **static):
     """``function`` with the keyword arguments ``static``, recorded with ``dr.freeze`` on the first
-    call for this configuration, array type and batch size and replayed on later calls.
+    call for this configuration and these array types and widths (the ``arrays`` it will be called
+    with), and replayed on later calls.
 
-    Tracing in Python (the value and validation: ~0.3 ms; the backward's parameter duals and
-    reverse-mode graph: 1.5-3 ms) costs more than the kernels below ~10^5 events; a replay skips it.
-    Everything the trace depends on is an input (momenta, parameters, incoming gradient) or part of
-    the key, which holds the batch size because the kernels allocate arrays of its size (a recorded
-    allocation keeps its size on replay). ``dr.freeze`` itself records again for a new input layout
-    (float32 vs float64, one event). Turned off with Dr.Jit's ``KernelFreezing`` flag.
+    Tracing in Python costs more than the kernels below ~10^5 events (MatrixElement: ~0.3 ms for
+    the value and validation, 1.5-3 ms for the backward's parameter duals and reverse-mode graph);
+    a replay skips it. Everything the trace depends on is an input (momenta, angles, parameters,
+    incoming gradient) or part of the key, which holds the widths because the kernels allocate
+    arrays of the batch size (a recorded allocation keeps its size on replay) and treat one-lane
+    inputs as broadcast. Turned off with Dr.Jit's ``KernelFreezing`` flag.
     """
-    key = (function, type(flat), dr.width(flat) // (4 * n_particles), tuple(sorted(static.items())))
+    key = (function, tuple((type(a), dr.width(a)) for a in arrays), tuple(sorted(static.items())))
     return _FROZEN.get_or_make(key, lambda: _Frozen(function, static)).run
 
 
@@ -298,42 +304,46 @@ def _block_sums(per_lane):
 
 
 def _lane_parallel(kernel):
-    """(forward, vjp) for :func:`kernel_function` of a ``kernel`` with one output, with a cheaper
-    reverse pass than the generic one.
-
-    The VJP re-runs ``kernel`` under Dr.Jit reverse AD with every 1-lane (broadcast) input widened
-    to N lanes, so that its per-lane gradient is reduced in partial sums inside the gradient kernel
-    instead of being accumulated at each broadcast. All gradients come out of one fused kernel.
-    """
+    """(forward, vjp) for :func:`kernel_function` of a ``kernel`` with one output, recorded and
+    replayed by ``dr.freeze`` (see :func:`_frozen`), with a cheaper reverse pass than the generic
+    one (:func:`_lane_parallel_gradients`)."""
 
     def forward(*inputs, **static):
-        return kernel(*inputs, **static), inputs
+        return _frozen(kernel, inputs, **static)(*inputs), inputs
 
     def vjp(inputs, grad_outputs, needs, **static):
-        width = max(dr.width(x) for x in inputs)
-        leaves = []
-        for x, need in zip(inputs, needs):
-            leaf = x + dr.zeros(type(x), width) if dr.width(x) == 1 else type(x)(x)
-            if need:
-                dr.enable_grad(leaf)
-            leaves.append(leaf)
-        output = kernel(*leaves, **static)
-        if dr.grad_enabled(output):  # not when only parameters the process does not use need gradients
-            dr.set_grad(output, grad_outputs[0])
-            dr.enqueue(dr.ADMode.Backward, output)
-            dr.traverse(dr.ADMode.Backward)
-        grads = []
-        for x, leaf, need in zip(inputs, leaves, needs):
-            if not need:
-                grads.append(None)
-            elif dr.width(x) == 1:
-                grads.append(_block_sums(dr.grad(leaf)))
-            else:
-                grads.append(dr.grad(leaf))
-        dr.eval(*[g for g in grads if g is not None])  # one kernel for all gradients
-        return grads  # the bridge adds up the block sums of 1-element inputs (in torch: no more kernels)
+        arrays = (*inputs, grad_outputs[0])
+        return _in_place_of_needed(
+            _frozen(_lane_parallel_gradients, arrays, kernel=kernel, needs=tuple(needs), **static)(*arrays), needs)
 
     return forward, vjp
+
+
+def _lane_parallel_gradients(*inputs_and_weight, kernel, needs, **static):
+    """Gradients of sum(weight * kernel(*inputs)) for the inputs that ``needs`` (in input order).
+
+    ``kernel`` runs again under Dr.Jit reverse AD with every 1-lane (broadcast) input widened to N
+    lanes, so that its per-lane gradient is reduced in partial sums inside the gradient kernel
+    instead of being accumulated at each broadcast. All gradients come out of one fused kernel; the
+    bridge adds up the block sums of 1-element inputs (in torch: no more kernels).
+    """
+    *inputs, weight = inputs_and_weight
+    width = max(dr.width(x) for x in inputs)
+    leaves = []
+    for x, need in zip(inputs, needs):
+        leaf = x + dr.zeros(type(x), width) if dr.width(x) == 1 else type(x)(x)
+        if need:
+            dr.enable_grad(leaf)
+        leaves.append(leaf)
+    output = kernel(*leaves, **static)
+    if dr.grad_enabled(output):  # not when only parameters the process does not use need gradients
+        dr.set_grad(output, weight)
+        dr.enqueue(dr.ADMode.Backward, output)
+        dr.traverse(dr.ADMode.Backward)
+    grads = [_block_sums(dr.grad(leaf)) if dr.width(x) == 1 else dr.grad(leaf)
+             for x, leaf, need in zip(inputs, leaves, needs) if need]
+    dr.eval(*grads)  # one kernel for all gradients
+    return grads
 
 
 # Module-level kernel functions (the process, flavour and scheme are passed per call): modules holding

@@ -34,7 +34,7 @@ from pyhybrid.kernels.backend import KernelTypes, check_integer, cuda_available,
 
 __all__ = ["set_threads", "get_threads", "llvm_version", "cuda_available", "types_for", "check_tensor",
            "autocast_input", "empty_batch", "to_drjit", "to_torch", "kernel_function", "KERNEL_DTYPES",
-           "check_kernel_dtype"]
+           "check_kernel_dtype", "Leading"]
 
 _DTYPE_TO_PRECISION = {torch.float32: "float32", torch.float64: "float64"}
 #: The dtypes the kernels run in.
@@ -171,9 +171,22 @@ def _split(flat, shape: tuple[int, ...]):
     return tuple(dr.gather(type(flat), flat, index + j) for j in range(k))
 
 
+@dataclass
+class Leading:
+    """A kernel output of which torch gets the first ``length`` entries, as a view: for an array
+    allocated longer than the result (e.g. output rows allocated once for a class of batch sizes).
+    The slice is taken inside the autograd node, so the backward pass gets a gradient of ``length``
+    entries (a slice outside it would fill a zero gradient of the whole array on every backward)."""
+
+    array: Any
+    length: int
+
+
 def _join(value, types: KernelTypes, owners: "_Owners") -> torch.Tensor:
-    """Kernel output (array, or list/vector of column arrays) -> torch tensor of its own; a single
-    mask (Bool) array becomes a bool tensor (columns are always floating point)."""
+    """Kernel output (array, :class:`Leading` array, or list/vector of column arrays) -> torch tensor
+    of its own; a single mask (Bool) array becomes a bool tensor (columns are always floating point)."""
+    if isinstance(value, Leading):
+        return _join(value.array, types, owners)[:value.length]
     if _is_columns(value):
         columns = [dr.detach(types.Float(c)) for c in value]
         dr.eval(*columns)

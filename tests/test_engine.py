@@ -206,6 +206,33 @@ def test_an_output_the_loss_does_not_use_reaches_the_vjp_as_none():
         assert torch.autograd.gradcheck(lambda a, b: fn(a, b)[1], (x, y))
 
 
+def _squares_in_longer_rows(x):
+    """x^2 written into rows with three spare entries, of which torch gets the first N."""
+    rows = dr.empty(type(x), dr.width(x) + 3)
+    dr.scatter(rows, x * x, dr.arange(dr.uint32_array_t(type(x)), dr.width(x)))
+    return engine.Leading(rows, dr.width(x)), (x,)
+
+
+def _squares_vjp(saved, grad_outputs, needs):
+    (x,), (g,) = saved, grad_outputs
+    _received.append(dr.width(g))
+    return [2.0 * x * g]
+
+
+def test_a_leading_output_is_sliced_inside_the_autograd_node():
+    """engine.Leading: torch gets the first N entries, the slice is part of the kernel's node (no
+    SliceBackward filling a zero gradient of the whole rows) and the VJP gets an N-entry gradient."""
+    fn = engine.kernel_function(_squares_in_longer_rows, vjp=_squares_vjp)
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = fn(x)
+    assert out.shape == (6,) and type(out.grad_fn).__name__ == "_KernelFunctionBackward"
+    torch.testing.assert_close(out, x.detach() ** 2, rtol=0, atol=0)
+    _received.clear()
+    (grad,) = torch.autograd.grad((3.0 * out).sum(), x)
+    assert _received == [6]
+    torch.testing.assert_close(grad, 6.0 * x.detach(), rtol=0, atol=0)
+
+
 def test_zero_copy_on_cpu():
     t = torch.arange(12, dtype=torch.float32)
     array = engine.to_drjit(t)

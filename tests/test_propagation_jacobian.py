@@ -200,8 +200,8 @@ def test_stored_jacobians_do_not_grow_with_the_number_of_steps():
                                             field=prop.field.kernel_field("cpu", torch.float64),
                                             jacobian=True, seed=0, with_covariance=False, field_gradient=True,
                                             layer_gradient=True)
-        assert np.array(outputs[3]).reshape(2, 3)[1].all()  # layer-major (L, N) rows
+        assert np.array(outputs[3].array).reshape(2, 3)[1].all()  # layer-major (L, N) rows (all of them in use)
         arrays = [t for k in range(len(record.hit)) for row in record.rows(k) for t in row if t is not None]
         stored.append(sum(1 if isinstance(t, float) else dr.width(t) for t in arrays))
-        path.append(np.array(outputs[2]).reshape(2, 3)[1, 0])
+        path.append(np.array(outputs[2].array).reshape(2, 3)[1, 0])
     assert path[1] > 10 * path[0] and stored[0] == stored[1]

@@ -41,8 +41,8 @@ import drjit as dr
 import torch
 from torch import nn
 
-from pyhybrid.engine import (KERNEL_DTYPES, LeastRecentlyUsed, autocast_input, check_tensor, empty_batch,
-                             kernel_function, types_for)
+from pyhybrid.engine import (KERNEL_DTYPES, Leading, LeastRecentlyUsed, autocast_input, check_tensor,
+                             empty_batch, kernel_function, types_for)
 from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
@@ -456,8 +456,7 @@ class Propagator(nn.Module):
         n, n_layers = params.shape[0], self.n_layers
 
         def per_track(rows, *width):  # the kernels write layer-major rows: (L, N, ...) -> (N, L, ...) view
-            used = n_layers * n * math.prod(width)  # frozen kernels allocate rows for a few more tracks
-            return rows[:used].view(n_layers, n, *width).transpose(0, 1)
+            return rows.view(n_layers, n, *width).transpose(0, 1)
 
         result = PropagationResult(free=per_track(outputs[0], 8), local=per_track(outputs[1], 2),
                                    path_length=per_track(outputs[2]), valid=per_track(outputs[3]))
@@ -495,9 +494,11 @@ def _propagate_kernel(params, field_params, positions, thickness, covariance=Non
         outputs, record = _frozen(config).forward(*arrays, _row_capacity(n))
     else:
         outputs, record = _propagate(config, field, seed, *arrays)
+    # Frozen kernels allocate the rows for a few more tracks: torch gets the L*N*width entries in use.
+    rows = [Leading(r, len(layers) * n * width) for r, width in zip(outputs[:4], (8, 2, 1, 1))]
     if with_covariance:  # (N, L*64) and (N, L*4) rows: sized like the output rows, so made here too
-        outputs = (*outputs[:5], *(kprop.row_major(columns) for columns in outputs[5:]))
-    return outputs, record
+        return (*rows, outputs[4], *(kprop.row_major(columns) for columns in outputs[5:])), record
+    return (*rows, outputs[4]), record
 
 
 @dataclass(frozen=True)

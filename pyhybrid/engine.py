@@ -186,7 +186,12 @@ def _join(value, types: KernelTypes, owners: "_Owners") -> torch.Tensor:
     """Kernel output (array, :class:`Leading` array, or list/vector of column arrays) -> torch tensor
     of its own; a single mask (Bool) array becomes a bool tensor (columns are always floating point)."""
     if isinstance(value, Leading):
-        return _join(value.array, types, owners)[:value.length]
+        whole = _join(value.array, types, owners)
+        if value.length == whole.numel():
+            return whole
+        # A tensor of its own on the same memory, not a slice: torch lets a caller modify an autograd
+        # node's outputs in place, but not views made inside the node.
+        return whole.new_empty(0).set_(whole.untyped_storage(), whole.storage_offset(), (value.length,), (1,))
     if _is_columns(value):
         columns = [dr.detach(types.Float(c)) for c in value]
         dr.eval(*columns)
@@ -426,6 +431,10 @@ def _reverse_ad(call: _Call, tensors, grads_out, needs):
     for out, grad in zip(outputs, grads_out):
         if grad is None:
             continue
+        if isinstance(out, Leading):  # zero gradient for the entries torch did not get
+            padded = dr.zeros(type(grad), dr.width(out.array))
+            dr.scatter(padded, grad, dr.arange(dr.uint32_array_t(type(grad)), out.length))
+            out, grad = out.array, padded
         if _is_columns(out):
             for column, column_grad in zip(out, grad):
                 _seed(column, column_grad)

@@ -221,16 +221,23 @@ def _squares_vjp(saved, grad_outputs, needs):
 
 def test_a_leading_output_is_sliced_inside_the_autograd_node():
     """engine.Leading: torch gets the first N entries, the slice is part of the kernel's node (no
-    SliceBackward filling a zero gradient of the whole rows) and the VJP gets an N-entry gradient."""
-    fn = engine.kernel_function(_squares_in_longer_rows, vjp=_squares_vjp)
+    SliceBackward filling a zero gradient of the whole rows), the VJP gets an N-entry gradient, the
+    output may be modified in place like any output of a node, and generic reverse AD works too."""
+    supplied = engine.kernel_function(_squares_in_longer_rows, vjp=_squares_vjp)
+    generic = engine.kernel_function(lambda x: _squares_in_longer_rows(x)[0])
     x = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    out = fn(x)
-    assert out.shape == (6,) and type(out.grad_fn).__name__ == "_KernelFunctionBackward"
-    torch.testing.assert_close(out, x.detach() ** 2, rtol=0, atol=0)
-    _received.clear()
-    (grad,) = torch.autograd.grad((3.0 * out).sum(), x)
-    assert _received == [6]
-    torch.testing.assert_close(grad, 6.0 * x.detach(), rtol=0, atol=0)
+    for fn in (supplied, generic):
+        out = fn(x)
+        assert out.shape == (6,) and type(out.grad_fn).__name__ == "_KernelFunctionBackward"
+        torch.testing.assert_close(out, x.detach() ** 2, rtol=0, atol=0)
+        _received.clear()
+        (grad,) = torch.autograd.grad((3.0 * out).sum(), x)
+        assert _received == ([6] if fn is supplied else [])
+        torch.testing.assert_close(grad, 6.0 * x.detach(), rtol=0, atol=0)
+        out = fn(x)
+        out.view(2, 3).transpose(0, 1).mul_(2.0)  # in place through a view, as on the propagator's (N, L, ...) rows
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        torch.testing.assert_close(grad, 4.0 * x.detach(), rtol=0, atol=0)
 
 
 def test_zero_copy_on_cpu():

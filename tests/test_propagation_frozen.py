@@ -317,3 +317,19 @@ def test_kernel_output_rows_are_sized_from_the_track_arrays_when_recorded():
     with pytest.raises(RuntimeError) as error:  # dr.freeze reports the ValueError as the cause of its own
         dr.freeze(run)(*literal_time, dr.opaque(UInt32, 30))
     assert isinstance(error.value.__cause__, ValueError) and "not literals" in str(error.value.__cause__)
+
+
+def test_outputs_of_a_frozen_call_can_be_modified_in_place():
+    """33 tracks: the frozen kernels allocate rows for 36 and torch gets the 33 in use as tensors of
+    their own (engine.Leading), which a loss may modify in place like any autograd output."""
+    frozen, traced = _pair(SolenoidField(2.0, 1200.0, 3000.0), GRADIENT_LAYERS)
+    params = _params(33)
+    grads = []
+    for prop, in_place in ((frozen, True), (traced, False)):
+        p = params.clone().requires_grad_()
+        out = prop(p)
+        local = out.local
+        local = local.mul_(2.0) if in_place else local * 2.0
+        (local.square().sum() + out.free[..., :3].sum()).backward()
+        grads.append(p.grad)
+    assert torch.equal(*grads)

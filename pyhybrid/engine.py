@@ -173,10 +173,11 @@ def _split(flat, shape: tuple[int, ...]):
 
 @dataclass
 class Leading:
-    """A kernel output of which torch gets the first ``length`` entries, as a view: for an array
-    allocated longer than the result (e.g. output rows allocated once for a class of batch sizes).
-    The slice is taken inside the autograd node, so the backward pass gets a gradient of ``length``
-    entries (a slice outside it would fill a zero gradient of the whole array on every backward)."""
+    """A kernel output of which torch gets the first ``length`` entries (a tensor on the array's
+    memory, no copy): for an array allocated longer than the result (e.g. output rows allocated
+    once for a class of batch sizes). The entries are selected inside the autograd node, so the
+    backward pass gets a gradient of ``length`` entries (a slice outside it would fill a zero
+    gradient of the whole array on every backward)."""
 
     array: Any
     length: int

@@ -971,8 +971,6 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
     # replays every output at the new N, also one that no gradient reaches (a literal keeps its width).
     norm = record.direction_norm  # finite: tracks with another norm were rejected
     zero = dr.select(dr.isfinite(norm), 0.0, norm)
-    if not dr.flag(dr.JitFlag.FreezingScope):  # see propagate_layers
-        dr.make_opaque(zero)  # every layer's sweep then compiles to the same kernel
     adjoint = [zero] * 8  # d loss / d (state after the layer)
     # d loss / d (segment path length): the sum of the path gradients of the layers after it
     adjoint_path = None if grad_path[0] is None else zero
@@ -995,7 +993,10 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
             grad_field[g] = grad_field[g] + dr.select(hit, column_grad[8 + g], 0.0)
         grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
         grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
-        dr.eval(adjoint, adjoint_path, grad_field, grad_positions[k], grad_thickness[k])
+    # All layers in one kernel: each layer's record is read once and the adjoint stays in registers
+    # (one kernel per layer wrote and read it back: 10.9 vs 12.6 ms for ten layers, 50 000 tracks).
+    # Evaluated before the gathers below, which would otherwise evaluate each gathered array's sweep apart.
+    dr.eval(adjoint, grad_field, grad_positions, grad_thickness)
     # In track order (gathers of evaluated arrays: they fuse into the caller's kernel). The input
     # direction d is normalised: d T / d d = (I - T T^T) / |d|.
     adjoint, t, norm = ([dr.gather(type(zero), a, record.inverse) for a in arrays]

@@ -327,10 +327,10 @@ class _KernelFunction(torch.autograd.Function):
             # the gradients come out of a node of their own whose derivative raises. It depends on
             # the inputs and the incoming gradients, so torch cannot prune it from a second derivative
             # (as it prunes ``once_differentiable``'s error node from autograd.grad(..., inputs)).
-            grads = iter(_KernelGradient.apply(ctx.call, needs, len(tensors), *tensors, *grad_outputs))
+            grads = _KernelGradient.apply(ctx.call, needs, len(tensors), *tensors, *grad_outputs)
         else:
-            grads = iter(_kernel_gradients(ctx.call, tensors, grad_outputs, needs))
-        return (None, *(next(grads) if need else None for need in needs))
+            grads = _kernel_gradients(ctx.call, tensors, grad_outputs, needs)
+        return (None, *in_place_of_needed(grads, needs))
 
     @staticmethod
     def vmap(info, in_dims, call, *tensors):
@@ -451,6 +451,13 @@ def _seed(output, grad) -> None:
     if dr.grad_enabled(output):
         dr.set_grad(output, grad)
         dr.enqueue(dr.ADMode.Backward, output)
+
+
+def in_place_of_needed(gradients, needs) -> list:
+    """The gradients of the inputs that need one (in input order), at their places in a list over
+    all inputs, None elsewhere."""
+    gradients = iter(gradients)
+    return [next(gradients) if need else None for need in needs]
 
 
 class LeastRecentlyUsed(OrderedDict):

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import (KERNEL_DTYPES, LeastRecentlyUsed, autocast_input, check_tensor, empty_batch,
-                             kernel_function)
+                             in_place_of_needed, kernel_function)
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
@@ -107,13 +107,7 @@ def _matrix_element_vjp(saved, grad_outputs, needs, *, tolerance, process, flavo
     arrays = (flat, grad_outputs[0], *parameters)
     gradients = _frozen(_matrix_element_gradients, arrays, needs=tuple(needs), process=process, flavour=flavour,
                         scheme=scheme, output=output)(*arrays)
-    return _in_place_of_needed(gradients, needs)
-
-
-def _in_place_of_needed(gradients: list, needs) -> list:
-    """The gradients of the inputs that need one, at their places in a list over all inputs (None elsewhere)."""
-    gradients = iter(gradients)
-    return [next(gradients) if need else None for need in needs]
+    return in_place_of_needed(gradients, needs)
 
 
 class _Frozen:
@@ -313,7 +307,7 @@ def _lane_parallel(kernel):
 
     def vjp(inputs, grad_outputs, needs, **static):
         arrays = (*inputs, grad_outputs[0])
-        return _in_place_of_needed(
+        return in_place_of_needed(
             _frozen(_lane_parallel_gradients, arrays, kernel=kernel, needs=tuple(needs), **static)(*arrays), needs)
 
     return forward, vjp

@@ -22,6 +22,7 @@ output that is a Dr.Jit mask (Bool) array becomes a ``torch.bool`` tensor, which
 from __future__ import annotations
 
 import functools
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -477,6 +478,25 @@ class LeastRecentlyUsed(OrderedDict):
         return entry
 
 
+def eager_under_compile(function: Callable) -> Callable:
+    """``torch.compiler.disable(function)``, applied when first needed: under ``torch.compile`` a call
+    is one graph break and runs eagerly (Dynamo cannot trace into Dr.Jit, and the input checks read
+    tensor values). Not applied at import: that imports ``torch._dynamo`` (~1.4 s), which a program
+    that never compiles should not pay. Until Dynamo is loaded nothing can be compiling."""
+    disabled = None
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            if "torch._dynamo" not in sys.modules:
+                return function(*args, **kwargs)
+            disabled = torch.compiler.disable(function)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
 def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static) -> Callable:
     """Make a differentiable torch callable from a Dr.Jit kernel.
 
@@ -508,8 +528,7 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
     or no input requires grad, the kernel runs without an autograd node.
     """
 
-    # Dynamo cannot trace into Dr.Jit: under torch.compile the call is a graph break, run eagerly.
-    @torch.compiler.disable
+    @eager_under_compile
     def apply(*tensors: torch.Tensor, **more_static):
         if not tensors:
             raise ValueError("kernel_function needs at least one tensor input")

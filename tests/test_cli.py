@@ -119,6 +119,8 @@ def test_batched_runs_take_the_batch_size_under_one_name(command):
 
 
 def test_gradient_ratios_alternate_the_calls_and_report_each_against_the_forward(capsys):
+    import torch
+
     from pyhybrid.bench import ratios
 
     order = []
@@ -128,10 +130,19 @@ def test_gradient_ratios_alternate_the_calls_and_report_each_against_the_forward
     # Ratios within each round: 2, 3, 4 -> median 3 (the ratio of the median times would be 2.5).
     lines = ratios.report("t", {"forward": [1.0, 2.0, 1.0], "grad": [2.0, 6.0, 4.0]}).splitlines()
     assert lines[2].split()[-3:] == ["3.00x", "forward", "[2.00-4.00]"]
+    # The data-movement floor: (read + read+write) / read per round, 3 and 2 -> median 2.5.
+    lines = ratios.report("t", {"forward": [1.0, 1.0], "floor: read": [1.0, 2.0],
+                                "floor: read+write": [2.0, 2.0]}).splitlines()
+    assert lines[-1].split()[-3:] == ["2.50x", "read", "[2.00-3.00]"]
+    floors = ratios.momentum_row_floors(3, 5, "float64")
+    rows = floors["floor: read+write"]().torch().reshape(5, 3, 4) / 2.0
+    assert rows.abs().sum() > 0
+    torch.testing.assert_close(floors["floor: read"]().torch(), rows.sum(dim=(1, 2)), rtol=1e-12, atol=0)
     ratios.main(["--topic", "me", "--size", "64", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if not line.startswith(" ")] == [f"{p}, 64 events" for p in ("ee_mumu", "ee_qqg", "gg_tt")]
     assert sum(line.split()[0] == "forward" and line.endswith("1.00x forward [1.00-1.00]") for line in lines) == 3
+    assert sum(line.strip().startswith("(read + read+write) / read") for line in lines) == 3
     with pytest.raises(SystemExit):
         ratios.main(["--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err

@@ -6,7 +6,10 @@ its own process and batch size against torch eager; here the forward and the gra
 one workload run round by round in one process, so that the machine's drift (large on shared
 VMs) affects them alike. Each entry is the median time over the rounds and the median, smallest
 and largest of its per-round ratios to the forward of the same round (a ratio within one round
-cancels the drift between rounds).
+cancels the drift between rounds). For the matrix elements two kernels that only move the momenta
+as the matrix-element kernels do run in the same rounds (:func:`momentum_row_floors`), and their
+ratio (read + read+write) / read: what grad-all / forward would be if both passes were memory
+traffic alone.
 
 Usage: ``python -m pyhybrid.bench.ratios [--topic propagate|me] [--size N] [--rounds R]``
 (workloads of :mod:`pyhybrid.bench.propagate` and :mod:`pyhybrid.bench.me`, CPU, float32;
@@ -19,7 +22,12 @@ import statistics
 import time
 from typing import Callable
 
+import drjit as dr
+
 from pyhybrid.bench import me, propagate
+from pyhybrid.kernels.backend import kernel_types
+from pyhybrid.kernels.matrix_elements import get_process
+from pyhybrid.nn.matrix_element import _four_vector_columns, _interleave_four_vectors
 
 
 def propagation_calls(n_tracks: int, precision: str = "float32") -> dict[str, Callable[[], object]]:
@@ -32,9 +40,42 @@ def propagation_calls(n_tracks: int, precision: str = "float32") -> dict[str, Ca
 
 
 def matrix_element_calls(process: str, n_events: int, precision: str = "float32") -> dict[str, Callable[[], object]]:
-    """Forward, parameter gradient and parameter + momentum gradient of one process."""
-    return {mode: me._setup(process, mode)("cpu", precision, n_events)[0]
-            for mode in ("forward", "grad-params", "grad-all")}
+    """Forward, parameter gradient and parameter + momentum gradient of one process, and the two
+    data-movement floors of :func:`momentum_row_floors`."""
+    calls = {mode: me._setup(process, mode)("cpu", precision, n_events)[0]
+             for mode in ("forward", "grad-params", "grad-all")}
+    return {**calls, **momentum_row_floors(get_process(process).n_particles, n_events, precision)}
+
+
+def momentum_row_floors(n_particles: int, n_events: int, precision: str = "float32") -> dict[str, Callable[[], object]]:
+    """Kernels that only move the momenta the way the matrix-element kernels do: "floor: read" reads
+    the (N, n, 4) rows into columns (what every forward must do), "floor: read+write" also writes a
+    value per component back in the same layout (what every gradient with respect to the momenta
+    must do besides). Where they take most of the forward and the grad-all backward, the grad-all
+    ratio is bound by memory traffic, not by arithmetic. They return what they computed: the sum of
+    each event's components, and twice the rows."""
+    import torch
+
+    types = kernel_types("cpu", precision)
+    rows = torch.rand(n_events * n_particles * 4, dtype=getattr(torch, precision))
+    flat = types.Float(rows)  # zero-copy
+
+    def read():
+        columns = _four_vector_columns(flat, n_particles)
+        total = columns[0]
+        for column in columns[1:]:
+            total = total + column
+        dr.eval(total)
+        dr.sync_thread()  # kernels run asynchronously
+        return total
+
+    def read_write():
+        doubled = _interleave_four_vectors([2.0 * c for c in _four_vector_columns(flat, n_particles)])
+        dr.eval(doubled)
+        dr.sync_thread()
+        return doubled
+
+    return {"floor: read": read, "floor: read+write": read_write}
 
 
 def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -51,13 +92,21 @@ def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int =
 
 
 def report(title: str, times: dict[str, list[float]]) -> str:
-    """Per call: median time, and the median [smallest-largest] of its per-round ratios to "forward"."""
+    """Per call: median time, and the median [smallest-largest] of its per-round ratios to "forward"
+    (and, with the floors of :func:`momentum_row_floors`, their per-round ratio)."""
     lines = [title]
     for name, seconds in times.items():
-        ratios = [t / f for t, f in zip(seconds, times["forward"])]
-        lines.append(f"  {name:14s} {statistics.median(seconds) * 1e3:9.2f} ms  {statistics.median(ratios):5.2f}x forward"
-                     f" [{min(ratios):.2f}-{max(ratios):.2f}]")
+        lines.append(f"  {name:17s} {statistics.median(seconds) * 1e3:9.2f} ms  "
+                     + _ratio_text(seconds, times["forward"], "forward"))
+    if "floor: read" in times:
+        floor = [r + w for r, w in zip(times["floor: read"], times["floor: read+write"])]
+        lines.append(f"  {'(read + read+write) / read':38s}" + _ratio_text(floor, times["floor: read"], "read"))
     return "\n".join(lines)
+
+
+def _ratio_text(seconds: list[float], reference: list[float], name: str) -> str:
+    ratios = [t / f for t, f in zip(seconds, reference)]
+    return f"{statistics.median(ratios):5.2f}x {name} [{min(ratios):.2f}-{max(ratios):.2f}]"
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,7 @@ import drjit as dr
 import numpy as np
 import torch
 
-from pyhybrid.engine import kernel_function
+from pyhybrid.engine import eager_under_compile, kernel_function
 from pyhybrid.kernels.backend import KernelTypes, check_integer, check_seed, name_tuple, types_of
 from pyhybrid.kernels.observables import OBSERVABLES, bin_indicators, event_shapes, observable, soft_bin_indicators
 from pyhybrid.kernels.shower import ShowerResult, ShowerSettings, boundary_emission
@@ -170,7 +170,7 @@ class GradientEstimator(ABC):
                                              check_seed(seed), parameters)
         return Estimate(_stack(values, types), {p: _stack(d, types) for p, d in derivatives.items()})
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def __call__(self, shower, observable_spec: HistogramObservable, n_events: int, seed: int) -> torch.Tensor:
         """Features F (n_events, K) of ``shower``'s events; backward applies this estimator."""
         _check_inputs(shower, observable_spec)

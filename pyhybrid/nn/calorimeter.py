@@ -194,7 +194,7 @@ class SamplingCalorimeter(nn.Module):
         s = self.segmentation
         return flat.reshape(n, s.n_segments, s.n_cells, s.n_cells)
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @engine.eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, energy: torch.Tensor, impact: torch.Tensor | None = None, *,
                 seed: int | None = None) -> torch.Tensor:
         """Simulated visible energy per cell [GeV], shape (N, n_segments, n_cells, n_cells).
@@ -213,7 +213,7 @@ class SamplingCalorimeter(nn.Module):
                             seed=check_seed(seed), quadrature_points=self._nodes_per_segment())
         return self._cells(flat, energy.shape[0])
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @engine.eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def expected_cells(self, energy: torch.Tensor, impact: torch.Tensor | None = None,
                        shower_normals: torch.Tensor | None = None) -> torch.Tensor:
         """Expected cell energies [GeV] without sampling fluctuations and noise (deterministic).

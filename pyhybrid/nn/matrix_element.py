@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyhybrid.engine import (KERNEL_DTYPES, LeastRecentlyUsed, autocast_input, check_tensor, empty_batch,
-                             in_place_of_needed, kernel_function)
+from pyhybrid.engine import (KERNEL_DTYPES, LeastRecentlyUsed, autocast_input, check_tensor, eager_under_compile,
+                             empty_batch, in_place_of_needed, kernel_function)
 from pyhybrid.kernels import dual as dm
 from pyhybrid.kernels.backend import any_lane_flag, check_integer, types_of
 from pyhybrid.kernels.electroweak import DEFAULTS, SMParameters, alpha_from_gf, check_parameter_value
@@ -436,7 +436,7 @@ class MatrixElement(_ProcessModule):
         self.tolerance = tolerance
         self.validate = validate
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, momenta: torch.Tensor) -> torch.Tensor:
         n = self.process.n_particles
         momenta = autocast_input(momenta)
@@ -477,7 +477,7 @@ class TwoBodyCrossSection(_ProcessModule):
         if self.process.n_out != 2:
             raise ValueError(f"TwoBodyCrossSection needs a 2 -> 2 process, got {self.process.name!r}")
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, cos_theta: torch.Tensor, sqrt_s: torch.Tensor | float) -> torch.Tensor:
         cos_theta, sqrt_s = autocast_input(cos_theta), autocast_input(sqrt_s)
         check_tensor(cos_theta, "cos_theta", shape=(None,))

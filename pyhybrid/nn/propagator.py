@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from pyhybrid.engine import (KERNEL_DTYPES, Leading, LeastRecentlyUsed, autocast_input, check_tensor,
-                             empty_batch, kernel_function, types_for)
+                             eager_under_compile, empty_batch, kernel_function, types_for)
 from pyhybrid.kernels.backend import any_lane_flag, types_of
 from pyhybrid.kernels import fields as kfields
 from pyhybrid.kernels import propagation as kprop
@@ -155,7 +155,7 @@ class GridField(nn.Module):
         columns = [types.Float(values[:, c].contiguous()) for c in range(3)]
         return KernelField("grid", (self.shape, self.origin, self.spacing), columns)
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """B [T] at points (N, 3) [mm]; zero outside the grid."""
         check_tensor(points, "points", shape=(None, 3), dtype=KERNEL_DTYPES)
@@ -413,7 +413,7 @@ class Propagator(nn.Module):
                 raise ValueError(f"layer {k} has material {layer.material.name} but thickness "
                                  f"{thickness[k]}; give a positive thickness or material=None")
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, params: torch.Tensor, covariance: torch.Tensor | None = None, *,
                 seed: int | None = None) -> PropagationResult:
         """Propagate tracks ``params`` (N, 8) = (x, y, z, t, dx, dy, dz, q/p) through the layers

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pyhybrid.engine import check_kernel_dtype, check_tensor, to_drjit, types_for
+from pyhybrid.engine import check_kernel_dtype, check_tensor, eager_under_compile, to_drjit, types_for
 from pyhybrid.kernels.backend import check_integer, check_seed
 from pyhybrid.kernels.observables import event_shapes as _event_shapes
 from pyhybrid.kernels.alphas import RunningCoupling
@@ -123,7 +123,7 @@ class PartonShower(nn.Module):
         alpha_s, _ = self.parameter_tensors()
         return types_for(alpha_s.device, alpha_s.dtype)
 
-    @torch.compiler.disable  # input checks and Dr.Jit: one graph break under torch.compile
+    @eager_under_compile  # input checks and Dr.Jit: one graph break under torch.compile
     def forward(self, n_events: int, seed: int = 0) -> ShowerEvents:
         """Generate ``n_events`` showered events (no gradient; see :mod:`pyhybrid.estimators`)."""
         n_events = check_integer(n_events, "n_events", 1)

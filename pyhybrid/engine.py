@@ -259,6 +259,7 @@ class _Call:
     static: dict
     types: KernelTypes
     saved: Any = None
+    lane_broadcast_grads: bool = False  # the VJP takes a broadcast incoming gradient as one lane
 
 
 def _new_scope(types: KernelTypes) -> None:
@@ -385,7 +386,8 @@ def _kernel_gradients(call: _Call, tensors, grad_outputs, needs) -> tuple:
     if all(g is None for g in grad_outputs):
         return tuple(None for need in needs if need)
     _new_scope(call.types)
-    grads_out = tuple(None if g is None else _grad_output(g, call.types) for g in grad_outputs)
+    grads_out = tuple(None if g is None else _grad_output(g, call.types, call.lane_broadcast_grads)
+                      for g in grad_outputs)
     if call.vjp is not None:
         grads_in = call.vjp(call.saved, grads_out, needs, **call.static)
     else:
@@ -395,13 +397,16 @@ def _kernel_gradients(call: _Call, tensors, grad_outputs, needs) -> tuple:
                  if need)
 
 
-def _grad_output(g: torch.Tensor, types: KernelTypes):
+def _grad_output(g: torch.Tensor, types: KernelTypes, lane_broadcast: bool = False):
     """Incoming gradient -> kernel layout. A broadcast scalar (``out.sum().backward()`` gives
-    one, all strides 0) stays a lazy Dr.Jit broadcast instead of N materialised copies."""
+    one, all strides 0) stays a lazy Dr.Jit broadcast instead of N materialised copies, or with
+    ``lane_broadcast`` one lane (see :func:`kernel_function`)."""
     g = g.detach()
     if g.dim() == 0 or any(stride != 0 for stride in g.stride()):
         return _split(types.Float(g.reshape(-1).contiguous()), tuple(g.shape))
-    column = types.Float(g.reshape(-1)[:1].clone()) + dr.zeros(types.Float, g.shape[0])
+    column = types.Float(g.reshape(-1)[:1].clone())
+    if not lane_broadcast:
+        column = column + dr.zeros(types.Float, g.shape[0])
     return column if g.dim() == 1 else (column,) * g.shape[1]
 
 
@@ -497,7 +502,8 @@ def eager_under_compile(function: Callable) -> Callable:
     return call
 
 
-def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static) -> Callable:
+def kernel_function(forward: Callable, *, vjp: Callable | None = None, lane_broadcast_grads: bool = False,
+                    **static) -> Callable:
     """Make a differentiable torch callable from a Dr.Jit kernel.
 
     Parameters
@@ -516,6 +522,11 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
         received no gradient (the loss does not depend on it). It returns one
         gradient per input (Dr.Jit array, tuple/list of columns, torch tensor,
         or None); for a 0-d input a per-lane gradient is summed over lanes. When omitted, Dr.Jit reverse-mode AD supplies it.
+    lane_broadcast_grads:
+        The ``vjp`` takes an incoming gradient that is the same for every lane
+        (``out.sum().backward()`` gives one) as a one-lane array, which Dr.Jit
+        broadcasts in the expressions that use it (one kernel fewer, and no
+        N-lane array of copies written and read back). Otherwise it gets N lanes.
     static:
         Non-differentiable keyword arguments passed to ``forward``/``vjp``
         (seeds, step counts, flags). Kernels with randomness must take their
@@ -543,7 +554,8 @@ def kernel_function(forward: Callable, *, vjp: Callable | None = None, **static)
                 raise TypeError(f"input {i} has dtype {t.dtype}, input 0 has {first.dtype}")
             if t.device != first.device:
                 raise ValueError(f"input {i} is on {t.device}, input 0 on {first.device}")
-        call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype))
+        call = _Call(forward, vjp, {**static, **more_static}, types_for(first.device, first.dtype),
+                     lane_broadcast_grads=lane_broadcast_grads)
         # torch.func transforms (whose wrapped tensors Dr.Jit cannot read) and forward-mode dual tensors
         # go through the Function's rules (the latter to its error, not to a result without tangents).
         if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or \

@@ -292,6 +292,39 @@ def test_replayed_gradients_follow_the_batch_size_and_match_traced_ones():
         module(momenta)
 
 
+@pytest.mark.parametrize("freezing", [True, False], ids=["recorded", "traced"])
+def test_a_broadcast_incoming_gradient_stays_one_lane_with_the_same_gradients(freezing):
+    """out.sum().backward() hands the VJP one lane for the gradient of every event (no N-lane copy
+    written by a kernel of its own); the gradients equal those of the same gradient given per event."""
+    import drjit as dr
+
+    module, two_body = MatrixElement("ee_qqg").double(), TwoBodyCrossSection("ee_mumu").double()
+    momenta, cos_theta = _momenta("ee_qqg", 50, seed=3), torch.linspace(-0.9, 0.8, 50, dtype=torch.float64)
+    dr.set_flag(dr.JitFlag.KernelFreezing, freezing)
+    dr.set_flag(dr.JitFlag.KernelHistory, True)
+    try:
+        for m, x in ((module, momenta), (two_body, cos_theta)):
+            results = []
+            for broadcast in (True, False):
+                m.zero_grad(set_to_none=True)
+                leaf = x.clone().requires_grad_()
+                value = m(leaf) if m is module else m(leaf, 91.0)
+                dr.kernel_history()
+                if broadcast:
+                    (2.5 * value.sum()).backward()
+                else:
+                    value.backward(torch.full_like(value, 2.5))
+                n_lane_kernels = sum(k["type"] == dr.KernelType.JIT and k["size"] == 50 for k in dr.kernel_history())
+                results.append([leaf.grad] + [p.grad for p in m.parameters() if p.grad is not None])
+                if broadcast:
+                    assert n_lane_kernels == 1  # the gradient kernel only
+            for one_lane, per_event in zip(*results):
+                torch.testing.assert_close(one_lane, per_event, rtol=0, atol=0)
+    finally:
+        dr.set_flag(dr.JitFlag.KernelHistory, False)
+        dr.set_flag(dr.JitFlag.KernelFreezing, True)
+
+
 def test_parameter_gradients_match_finite_differences_of_sigma():
     """d sigma / d theta of the exact (Gauss-Legendre) sigma(e+e- -> mu+mu-) vs central differences."""
     module = TwoBodyCrossSection("ee_mumu").double()

@@ -145,7 +145,7 @@ def _frozen(function, arrays, **static):
 def _matrix_element_gradients(flat, weight, *parameters, needs, process, flavour, scheme, output):
     """Gradients of sum(weight * value) with respect to the flat momenta and the ``needs``-selected
     parameters (the arrays of those that need one, in input order), in one kernel that recomputes the
-    value from the momenta.
+    value from the momenta. ``weight``: the incoming gradient, per event or one lane for all.
 
     Parameters: forward mode. Each parameter that needs a gradient is one Dual column; the process's
     parameter-only coefficients and their derivatives are evaluated first (a one-lane kernel), so that
@@ -314,7 +314,8 @@ def _lane_parallel(kernel):
 
 
 def _lane_parallel_gradients(*inputs_and_weight, kernel, needs, **static):
-    """Gradients of sum(weight * kernel(*inputs)) for the inputs that ``needs`` (in input order).
+    """Gradients of sum(weight * kernel(*inputs)) for the inputs that ``needs`` (in input order);
+    ``weight``: the incoming gradient, per lane or one lane for all.
 
     ``kernel`` runs again under Dr.Jit reverse AD with every 1-lane (broadcast) input widened to N
     lanes, so that its per-lane gradient is reduced in partial sums inside the gradient kernel
@@ -342,9 +343,9 @@ def _lane_parallel_gradients(*inputs_and_weight, kernel, needs, **static):
 
 # Module-level kernel functions (the process, flavour and scheme are passed per call): modules holding
 # no closures can be saved whole (torch.save) and deep-copied.
-_MATRIX_ELEMENT = kernel_function(_matrix_element_forward, vjp=_matrix_element_vjp)
+_MATRIX_ELEMENT = kernel_function(_matrix_element_forward, vjp=_matrix_element_vjp, lane_broadcast_grads=True)
 _two_body_forward, _two_body_vjp = _lane_parallel(_two_body_cross_section_kernel)
-_TWO_BODY_CROSS_SECTION = kernel_function(_two_body_forward, vjp=_two_body_vjp)
+_TWO_BODY_CROSS_SECTION = kernel_function(_two_body_forward, vjp=_two_body_vjp, lane_broadcast_grads=True)
 
 
 # ---------------------------------------------------------------- modules

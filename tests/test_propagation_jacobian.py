@@ -54,43 +54,6 @@ def test_transport_jacobian_matches_finite_differences(stepper):
     assert np.abs(fd[:, :3, 8:]).max() > 1.0        # the field parameters do move the track
 
 
-# A helix whose transverse circle is centred on the z axis: radius rho = 500 mm in the 2 T solenoid,
-# p_T = c B rho = 0.2998 GeV, with the charge that turns it towards the axis.
-_LOOPER_PT = 0.299792458e-3 * 2.0 * 500.0
-ROTATION_STARTS = np.array([
-    [10.0, -5.0, 100.0, 0.0, 0.6, 0.5, 0.62, 1 / 1.5],     # generic: D1 solved for
-    [300.0, 40.0, 0.0, 0.0, -0.3, 0.8, 0.1, -1 / 0.7],      # off the origin, generic
-    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1 / 2.0],          # along the axis: the rotation moves nothing
-    [20.0, 0.0, 0.0, 0.0, 0.01, 0.0, 1.0, 1 / 2.0],        # nearly along z
-    [500.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1 / _LOOPER_PT],  # the looper: rotation = shift along it
-])
-
-
-def test_the_rotation_relation_gives_the_stepped_jacobian_and_steps_where_it_cannot():
-    """In the axially symmetric solenoid one direction column follows from the rotation about z
-    (propagation._RotationRelation); where its coefficient is small (directions near z, a helix
-    centred on the axis) the column is stepped. Both give the Jacobian of stepping every column."""
-    from pyhybrid.kernels import propagation
-
-    field = fields.SolenoidField(*[dr.opaque(F64.Float, v) for v in SOLENOID])
-    params = kernel_params(ROTATION_STARTS)
-    direction = tuple(v / dr.norm(params.direction) for v in params.direction)
-    start = propagation._SegmentStart.of(field, params.position, direction, 0.299792458e-3 * params.qop,
-                                         PropagationOptions(), False)
-    assert start.rotation is not None
-    assert np.array(start.rotation.carry).tolist() == [False, False, True, True, True]
-    jacobians = []
-    for solve in (True, False):
-        propagation.ROTATION_RELATION = solve
-        try:
-            jacobians.append(_transport(ROTATION_STARTS, SOLENOID, RK4(5.0), jacobian=True)[1])
-        finally:
-            propagation.ROTATION_RELATION = True
-    scale = np.abs(jacobians[1]).max(axis=(0, 1), keepdims=True) + 1e-12
-    assert (np.abs(jacobians[0] - jacobians[1]) / scale).max() < 1e-11
-    assert np.abs(jacobians[1][:, :3, 4:7]).max() > 100.0  # direction columns that matter
-
-
 def _tracks(n, seed, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
     eta = torch.empty(n, dtype=dtype).uniform_(-1.2, 1.2, generator=generator)

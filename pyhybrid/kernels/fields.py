@@ -73,7 +73,6 @@ class SolenoidField:
     names = ("b0", "radius", "half_length")
     proportional_to = "b0"
     spatially_constant = False
-    symmetric_about_z = True  # B(R r) = R B(r) for rotations R about z (see propagation._RotationRelation)
 
     def __init__(self, b0, radius, half_length):
         self.b0 = b0

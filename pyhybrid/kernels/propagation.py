@@ -271,7 +271,7 @@ def _step_to_target(field, target, r, t, lam, options: PropagationOptions, colum
     n = dr.width(r[0])
     zero = dr.zeros(types.Float, n)
     side = dr.select(target.level(r, zero) > 0, 1.0, -1.0)
-    metadata = [(c.d_lambda, c.field_parameter, c.per_lambda, c.only_where) for c in columns or []]
+    metadata = [(c.d_lambda, c.field_parameter, c.per_lambda) for c in columns or []]
     status = dr.full(types.UInt32, RUNNING, n) if active is None else dr.select(active, RUNNING, MISSED)
     loop = _Loop(r=tuple(types.Float(v) + zero for v in r), t=tuple(types.Float(v) + zero for v in t), s=zero,
                  iterations=dr.zeros(types.UInt32, n), status=status,
@@ -357,21 +357,15 @@ class _SegmentStart:
     field_gradient: bool      # carry the field-parameter columns
     position_columns: bool    # carry the position columns (False: the transport neglects dB/dr)
     proportional: int | None  # index of the field parameter theta with B = theta B^ (one column for it and q/p)
-    rotation: "_RotationRelation | None" = None  # D1 follows from the others (see _RotationRelation)
 
     @classmethod
     def of(cls, field, r, t, lam, options: PropagationOptions, field_gradient: bool):
         e1, e2 = dm.perpendicular_basis(t)
         b = field.evaluate(r)
-        k0 = tuple(lam * c for c in dm.cross(t, b))
         proportional_to = getattr(field, "proportional_to", None)
         proportional = field.names.index(proportional_to) if proportional_to and field_gradient else None
-        position_columns = _with_field_gradient(field, options)
-        rotation = None
-        if ROTATION_RELATION and position_columns and getattr(field, "symmetric_about_z", False):
-            rotation = _RotationRelation.of(r, t, e1, e2, k0)
-        return cls(tuple(t), e1, e2, k0, len(field.names), field_gradient, position_columns, proportional,
-                   rotation)
+        return cls(tuple(t), e1, e2, tuple(lam * c for c in dm.cross(t, b)), len(field.names), field_gradient,
+                   _with_field_gradient(field, options), proportional)
 
     def columns(self) -> list[TangentColumn]:
         """Tangent columns carried through the stepping loop.
@@ -385,8 +379,7 @@ class _SegmentStart:
         """
         none = (None, None, None)
         columns = [TangentColumn(self.e1, none), TangentColumn(self.e2, none)] if self.position_columns else []
-        columns += [TangentColumn(none, self.e1, only_where=None if self.rotation is None else self.rotation.carry),
-                    TangentColumn(none, self.e2)]
+        columns += [TangentColumn(none, self.e1), TangentColumn(none, self.e2)]
         if self.proportional is None:
             columns.append(TangentColumn(none, none, d_lambda=B_CURVATURE))
         else:
@@ -395,70 +388,6 @@ class _SegmentStart:
             columns += [TangentColumn(none, none, field_parameter=g) for g in range(self.n_field)
                         if g != self.proportional]
         return columns
-
-
-#: Solve for a direction column where the field is symmetric about the z axis (see
-#: :class:`_RotationRelation`); False steps every column (the tests compare the two).
-ROTATION_RELATION = True
-
-
-@dataclass
-class _RotationRelation:
-    """One linear relation among a segment's tangent columns when the field is symmetric under
-    rotations R about the z axis, B(R r) = R B(r) (a solenoid; ``field.symmetric_about_z``).
-
-    Every Runge-Kutta stage is then equivariant, k(R r, R T) = R k(r, T), so the steps taken, at
-    their sizes, map a rotated start onto the rotated end whatever chose the sizes (the target, the
-    error control); and the tangent columns, which carry the derivative of those steps, carry the
-    infinitesimal rotation G = (z x r, z x T) of the start into that of the end. At the start,
-    G0 = alpha1 P1 + alpha2 P2 + alpha_t (t0, 0) + beta1 D1 + beta2 D2 with (t0, 0) = y'(0) - kappa1 D1
-    - kappa2 D2 (alpha_i = e_i . z x r0, alpha_t = t0 . z x r0, beta_i = e_i . z x t0,
-    kappa_i = k0 . e_i); the flow property carries y'(0) to y'(s). Hence at the end
-
-        (z x r, z x T) = alpha1 P1 + alpha2 P2 + alpha_t y'(s) + c1 D1 + c2 D2,   c_i = beta_i - alpha_t kappa_i,
-
-    which gives D1 without stepping it where |c1| >= :data:`ROTATION_MIN_COEFFICIENT` (e1 = t0 x z is
-    the azimuthal direction, |beta1| = sin theta). Elsewhere (tracks near the z axis direction, and a
-    track whose helix is centred on the axis, for which the rotation is a shift along the track)
-    D1 is stepped: the packets holding such a lane run its column. Where D1 is solved for, rounding is
-    amplified by about |z x r| / (|c1| s) for a segment of length s at distance |z x r| from the axis:
-    in float32 the benchmark's gradients differ from float64 ones by up to 1.2e-5 (track parameters)
-    and 5.6e-5 (field and layer parameters) relative, against 5.5e-6 and 3.8e-5 with D1 stepped;
-    in float64 the two agree to 1e-13. It saves one of the exact transport's five columns: 5-8 % of
-    a gradient call in the benchmark.
-    """
-
-    alpha1: object
-    alpha2: object
-    alpha_t: object
-    c1: object
-    c2: object
-    carry: object  # lanes that step D1
-
-    @classmethod
-    def of(cls, r, t, e1, e2, k0):
-        z_cross_r, z_cross_t = _z_cross(r), _z_cross(t)
-        alpha_t = dm.dot(t, z_cross_r)
-        c1 = dm.dot(e1, z_cross_t) - alpha_t * dm.dot(k0, e1)
-        c2 = dm.dot(e2, z_cross_t) - alpha_t * dm.dot(k0, e2)
-        return cls(dm.dot(e1, z_cross_r), dm.dot(e2, z_cross_r), alpha_t, c1, c2,
-                   ~(dr.abs(c1) >= ROTATION_MIN_COEFFICIENT))
-
-    def solve(self, end, p1, p2, flow, d2, carried_d1):
-        """D1 at the end of the segment, one 3-vector (``which``: r or T part) from the others."""
-        inverse = 1.0 / dr.select(self.carry, 1.0, self.c1)
-        solved = [(g - self.alpha1 * a - self.alpha2 * b - self.alpha_t * f - self.c2 * d) * inverse
-                  for g, a, b, f, d in zip(_z_cross(end), p1, p2, flow, d2)]
-        return tuple(dr.select(self.carry, c, x) for c, x in zip(carried_d1, solved))
-
-
-#: Smallest |c1| (see :class:`_RotationRelation`) for which D1 is solved for instead of stepped.
-ROTATION_MIN_COEFFICIENT = 0.2
-
-
-def _z_cross(v):
-    """z x v."""
-    return (-v[1], v[0], 0.0 * v[2])
 
 
 def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int):
@@ -489,9 +418,6 @@ def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int
         q = _scaled_column(per_mu, B_CURVATURE * theta)
         field_columns.insert(start.proportional, _scaled_column(per_mu, lam))
     k_end = tuple(lam * c for c in dm.cross(loop.t, field.evaluate(loop.r)))
-    if start.rotation is not None:
-        d1 = tuple(start.rotation.solve(end, p1[which], p2[which], flow, d2[which], d1[which])
-                   for which, (end, flow) in enumerate(((loop.r, loop.t), (loop.t, k_end))))
     along_e1, along_e2 = dm.dot(start.k0, start.e1), dm.dot(start.k0, start.e2)
 
     def duals(values, which, slope):

@@ -118,8 +118,6 @@ class TangentColumn:
     ``per_lambda``: the column is d / d(lambda theta_g) for a field proportional to theta_g
     (B = theta_g B^): the state depends on lambda and theta_g only through their product, and
     the stage term is T_s x dB/dtheta_g = T_s x B^ (without the factor lambda).
-    ``only_where``: None, or a per-lane mask: the column is stepped only in SIMD packets (GPU warps)
-    with a lane where it is True (a branch the others skip); elsewhere it keeps its start values.
     """
 
     dr: tuple
@@ -127,7 +125,6 @@ class TangentColumn:
     d_lambda: float | None = None
     field_parameter: int | None = None
     per_lambda: bool = False
-    only_where: object = None
 
 
 # ---------------------------------------------------------------- None-aware small vector algebra
@@ -209,8 +206,7 @@ def nystrom_step(field, tableau: NystromTableau, r, t, lam, h, columns: Sequence
         error = h2 * sum(dr.abs(ks[0][i] - ks[1][i] - ks[2][i] + ks[3][i]) for i in range(3))
     new_columns = None
     if want_derivatives:
-        new_columns = [_step_column(col, tableau, h, stages) if col.only_where is None
-                       else _step_column_where(col, tableau, h, stages) for col in columns]
+        new_columns = [_step_column(col, tableau, h, stages) for col in columns]
     return r_new, t_new, error, new_columns
 
 
@@ -280,17 +276,6 @@ def _step_column(col: TangentColumn, tableau, h, stages):
     for s in range(4):
         dt_new = _axpy(h * _WEIGHTS_T[s], dks[s], dt_new)
     return TangentColumn(dr_new, dt_new, col.d_lambda, col.field_parameter, col.per_lambda)
-
-
-def _step_column_where(col: TangentColumn, tableau, h, stages):
-    """:func:`_step_column` in a branch taken by the packets with a lane in ``col.only_where``."""
-    def step(d_r, d_t):
-        new = _step_column(TangentColumn(d_r, d_t, col.d_lambda, col.field_parameter, col.per_lambda),
-                           tableau, h, stages)
-        return new.dr, new.dt
-
-    d_r, d_t = dr.if_stmt((col.dr, col.dt), col.only_where, step, lambda d_r, d_t: (d_r, d_t))
-    return TangentColumn(d_r, d_t, col.d_lambda, col.field_parameter, col.per_lambda, col.only_where)
 
 
 def _add3(a, b):

@@ -414,7 +414,10 @@ def _grad_tensor(g, like: torch.Tensor, owners: _Owners) -> torch.Tensor:
     """Gradient (array, tuple of columns, 1-lane broadcast or tensor) -> tensor like ``like``."""
     if isinstance(g, (tuple, list)):
         dr.eval(*g)
-        out = torch.stack([c.torch() for c in g], dim=-1)
+        columns = [c.torch() for c in g]
+        if like.dim() == 2:  # a column from a one-lane incoming gradient alone (lane_broadcast_grads) has one lane
+            columns = [c.expand(like.shape[0]) if c.numel() == 1 else c for c in columns]
+        out = torch.stack(columns, dim=-1)
     elif isinstance(g, torch.Tensor):
         out = g.clone()  # the VJP's own tensor: it may keep and reuse it
     else:
@@ -484,21 +487,24 @@ class LeastRecentlyUsed(OrderedDict):
 
 
 def eager_under_compile(function: Callable) -> Callable:
-    """``torch.compiler.disable(function)``, applied when first needed: under ``torch.compile`` a call
-    is one graph break and runs eagerly (Dynamo cannot trace into Dr.Jit, and the input checks read
-    tensor values). Not applied at import: that imports ``torch._dynamo`` (~1.4 s), which a program
-    that never compiles should not pay. Until Dynamo is loaded nothing can be compiling."""
-    disabled = None
+    """``torch.compiler.disable(function)`` without importing ``torch._dynamo`` (~1.4 s) at import:
+    under ``torch.compile`` a call is one graph break and runs eagerly (Dynamo cannot trace into
+    Dr.Jit, and the input checks read tensor values).
+
+    Until Dynamo is loaded nothing can be compiling, and the wrapper calls ``function`` directly;
+    afterwards through torch's own lazily made ``torch.compiler.disable`` wrapper, which Dynamo
+    skips as torch code. The wrapper carries the mark of ``torch.compiler.disable``'s wrappers, so
+    that Dynamo skips it too instead of inlining it.
+    """
+    disabled = torch._disable_dynamo(function)  # imports Dynamo on its first call, not here
 
     @functools.wraps(function)
     def call(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            if "torch._dynamo" not in sys.modules:
-                return function(*args, **kwargs)
-            disabled = torch.compiler.disable(function)
+        if "torch._dynamo" not in sys.modules:
+            return function(*args, **kwargs)
         return disabled(*args, **kwargs)
 
+    call._torchdynamo_disable = True
     return call
 
 

@@ -448,3 +448,26 @@ def test_least_recently_used_cache_makes_missing_entries_and_drops_the_oldest():
 
     assert [cache.get_or_make(k, lambda k=k: make(k)) for k in "abac"] == ["A", "B", "A", "C"]
     assert made == ["a", "b", "c"] and list(cache) == ["a", "c"]  # b was the least recently used
+
+
+def _doubled(x):
+    return [2.0 * c for c in x], None
+
+
+def _doubled_vjp(saved, grad_outputs, needs):
+    return [tuple(2.0 * g for g in grad_outputs[0])]
+
+
+def test_a_one_lane_incoming_gradient_gives_full_gradients_of_every_input_shape():
+    """lane_broadcast_grads: the VJP gets out.sum()'s gradient as one lane; gradients that follow from
+    it alone (one lane per column) still come back with the input's shape, as with N lanes."""
+    one_lane = engine.kernel_function(_doubled, vjp=_doubled_vjp, lane_broadcast_grads=True)
+    n_lanes = engine.kernel_function(_doubled, vjp=_doubled_vjp)
+    for shape in ((5, 3), (1, 3)):
+        grads = []
+        for fn in (one_lane, n_lanes):
+            x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+            (3.0 * fn(x).sum()).backward()
+            grads.append(x.grad)
+        torch.testing.assert_close(grads[0], torch.full(shape, 6.0, dtype=torch.float64), rtol=0, atol=0)
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -320,6 +320,12 @@ def test_a_broadcast_incoming_gradient_stays_one_lane_with_the_same_gradients(fr
                     assert n_lane_kernels == 1  # the gradient kernel only
             for one_lane, per_event in zip(*results):
                 torch.testing.assert_close(one_lane, per_event, rtol=0, atol=0)
+            # A gradient that varies per event is used per event: each event's row scales with it.
+            weights = torch.linspace(0.5, 3.0, 50, dtype=torch.float64)
+            leaf = x.clone().requires_grad_()
+            (m(leaf) if m is module else m(leaf, 91.0)).backward(weights)
+            rows = weights.reshape(-1, *[1] * (x.dim() - 1))
+            torch.testing.assert_close(leaf.grad, rows * results[1][0] / 2.5, rtol=1e-12, atol=0)
     finally:
         dr.set_flag(dr.JitFlag.KernelHistory, False)
         dr.set_flag(dr.JitFlag.KernelFreezing, True)

@@ -52,30 +52,38 @@ def momentum_row_floors(n_particles: int, n_events: int, precision: str = "float
     the (N, n, 4) rows into columns (what every forward must do), "floor: read+write" also writes a
     value per component back in the same layout (what every gradient with respect to the momenta
     must do besides). Where they take most of the forward and the grad-all backward, the grad-all
-    ratio is bound by memory traffic, not by arithmetic. They return what they computed: the sum of
-    each event's components, and twice the rows."""
+    ratio is bound by memory traffic, not by arithmetic. Recorded with ``dr.freeze`` and replayed,
+    as the matrix-element calls are (a traced call would add Python's tracing time). They return
+    what they computed: the sum of each event's components, and twice the rows."""
     import torch
 
     types = kernel_types("cpu", precision)
-    rows = torch.rand(n_events * n_particles * 4, dtype=getattr(torch, precision))
-    flat = types.Float(rows)  # zero-copy
+    flat = types.Float(torch.rand(n_events * n_particles * 4, dtype=getattr(torch, precision)))
+    read, read_write = dr.freeze(_row_sums), dr.freeze(_rows_doubled)
 
-    def read():
-        columns = _four_vector_columns(flat, n_particles)
-        total = columns[0]
-        for column in columns[1:]:
-            total = total + column
-        dr.eval(total)
-        dr.sync_thread()  # kernels run asynchronously
-        return total
+    def synchronized(frozen):
+        def call():
+            result = frozen(flat, n_particles)
+            dr.sync_thread()  # kernels run asynchronously
+            return result
+        return call
 
-    def read_write():
-        doubled = _interleave_four_vectors([2.0 * c for c in _four_vector_columns(flat, n_particles)])
-        dr.eval(doubled)
-        dr.sync_thread()
-        return doubled
+    return {"floor: read": synchronized(read), "floor: read+write": synchronized(read_write)}
 
-    return {"floor: read": read, "floor: read+write": read_write}
+
+def _row_sums(flat, n_particles: int):
+    columns = _four_vector_columns(flat, n_particles)
+    total = columns[0]
+    for column in columns[1:]:
+        total = total + column
+    dr.eval(total)
+    return total
+
+
+def _rows_doubled(flat, n_particles: int):
+    doubled = _interleave_four_vectors([2.0 * c for c in _four_vector_columns(flat, n_particles)])
+    dr.eval(doubled)
+    return doubled
 
 
 def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:

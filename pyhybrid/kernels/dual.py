@@ -31,6 +31,22 @@ def _scale(t, factor):
     return None if t is None else t * factor
 
 
+def _combine(terms) -> list:
+    """Tangents of a result that is linear in its operands' tangents: column j is the sum over
+    ``terms`` (tangent list, factor) of factor * tangents[j], as one multiplication and fused
+    multiply-adds (None = zero). Dr.Jit does not contract a * b + c into an FMA by itself."""
+    n = len(terms[0][0])
+    result = []
+    for j in range(n):
+        total = None
+        for tangents, factor in terms:
+            t = tangents[j]
+            if t is not None:
+                total = t * factor if total is None else dr.fma(t, factor, total)
+        result.append(total)
+    return result
+
+
 def _add(a, b):
     if a is None:
         return b
@@ -78,8 +94,7 @@ class Dual:
     def __mul__(self, other):
         if isinstance(other, Dual):
             return Dual(self.value * other.value,
-                        [_add(_scale(a, other.value), _scale(b, self.value))
-                         for a, b in zip(self.tangents, other.tangents)])
+                        _combine([(self.tangents, other.value), (other.tangents, self.value)]))
         return Dual(self.value * other, [_scale(t, other) for t in self.tangents])
 
     __rmul__ = __mul__
@@ -88,8 +103,7 @@ class Dual:
         if isinstance(other, Dual):
             inverse = 1.0 / other.value
             quotient = self.value * inverse
-            return Dual(quotient, [_scale(_add(a, _scale(b, -quotient)), inverse)
-                                   for a, b in zip(self.tangents, other.tangents)])
+            return Dual(quotient, _combine([(self.tangents, inverse), (other.tangents, -quotient * inverse)]))
         return self * (1.0 / other)
 
     def __rtruediv__(self, other):
@@ -152,7 +166,7 @@ def atan2(y, x):
     n = len((y if isinstance(y, Dual) else x).tangents)
     ty = y.tangents if isinstance(y, Dual) else [None] * n
     tx = x.tangents if isinstance(x, Dual) else [None] * n
-    return Dual(dr.atan2(yv, xv), [_add(_scale(a, xv * inverse), _scale(b, -yv * inverse)) for a, b in zip(ty, tx)])
+    return Dual(dr.atan2(yv, xv), _combine([(ty, xv * inverse), (tx, -yv * inverse)]))
 
 
 def select(mask, a, b):
@@ -188,19 +202,40 @@ def subtract(a, b):
     return (-b) + a if _dual_right(a, b) else a - b
 
 
+def _products(pairs, signs):
+    """The sum of sign * p * q over ``pairs`` (signs +-1): values as plain arithmetic gives them (the same bits with and
+    without derivatives), tangents as one chain of fused multiply-adds."""
+    total = None
+    for (p, q), sign in zip(pairs, signs):
+        term = value(p) * value(q)
+        total = term if total is None else (total + term if sign > 0 else total - term)
+    if total is None:
+        return total
+    terms = [(x.tangents, value(y) if sign > 0 else -value(y)) for (p, q), sign in zip(pairs, signs)
+             for x, y in ((p, q), (q, p)) if isinstance(x, Dual)]
+    return Dual(total, _combine(terms)) if terms else total
+
+
 def dot(a, b):
-    return add(add(multiply(a[0], b[0]), multiply(a[1], b[1])), multiply(a[2], b[2]))
+    if not any(isinstance(x, Dual) for x in (*a, *b)):
+        return add(add(multiply(a[0], b[0]), multiply(a[1], b[1])), multiply(a[2], b[2]))
+    return _products(list(zip(a, b)), (1.0, 1.0, 1.0))
 
 
 def cross(a, b):
-    return (subtract(multiply(a[1], b[2]), multiply(a[2], b[1])),
-            subtract(multiply(a[2], b[0]), multiply(a[0], b[2])),
-            subtract(multiply(a[0], b[1]), multiply(a[1], b[0])))
+    if not any(isinstance(x, Dual) for x in (*a, *b)):
+        return (subtract(multiply(a[1], b[2]), multiply(a[2], b[1])),
+                subtract(multiply(a[2], b[0]), multiply(a[0], b[2])),
+                subtract(multiply(a[0], b[1]), multiply(a[1], b[0])))
+    return tuple(_products([(a[i], b[j]), (a[j], b[i])], (1.0, -1.0)) for i, j in ((1, 2), (2, 0), (0, 1)))
 
 
 def normalized(v):
-    inverse = 1.0 / sqrt(dot(v, v))
-    return (v[0] * inverse, v[1] * inverse, v[2] * inverse)
+    length2 = dot(v, v)
+    inverse = 1.0 / dr.sqrt(value(length2))
+    if isinstance(length2, Dual):  # d |v|^-1 = -|v|^-3 (v . dv): one scaling of the tangents, no further division
+        inverse = _chain(length2, inverse, -0.5 * inverse * (inverse * inverse))
+    return (multiply(v[0], inverse), multiply(v[1], inverse), multiply(v[2], inverse))
 
 
 def perpendicular_basis(t):

@@ -424,11 +424,11 @@ def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int
         result = []
         for i, value in enumerate(values):
             p1_i, p2_i, d1_i, d2_i = p1[which][i], p2[which][i], d1[which][i], d2[which][i]
-            along = slope[i] - along_e1 * d1_i - along_e2 * d2_i
+            along = dr.fma(-along_e2, d2_i, dr.fma(-along_e1, d1_i, slope[i]))
             tangents = [None] * n_columns
             for m in range(3):
-                tangents[m] = start.t0[m] * along + start.e1[m] * p1_i + start.e2[m] * p2_i
-                tangents[4 + m] = start.e1[m] * d1_i + start.e2[m] * d2_i
+                tangents[m] = dr.fma(start.t0[m], along, dr.fma(start.e1[m], p1_i, start.e2[m] * p2_i))
+                tangents[4 + m] = dr.fma(start.e1[m], d1_i, start.e2[m] * d2_i)
             tangents[_QOP] = q[which][i]
             for g, column in enumerate(field_columns):
                 tangents[8 + g] = column[which][i]

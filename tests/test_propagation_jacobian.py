@@ -54,6 +54,80 @@ def test_transport_jacobian_matches_finite_differences(stepper):
     assert np.abs(fd[:, :3, 8:]).max() > 1.0        # the field parameters do move the track
 
 
+# A helix whose transverse circle is centred on the z axis: radius rho = 500 mm in the 2 T solenoid,
+# p_T = c B rho = 0.2998 GeV, with the charge that turns it towards the axis.
+_LOOPER_PT = 0.299792458e-3 * 2.0 * 500.0
+ROTATION_STARTS = np.array([
+    [10.0, -5.0, 100.0, 0.0, 0.6, 0.5, 0.62, 1 / 1.5],     # generic: D1 solved for
+    [300.0, 40.0, 0.0, 0.0, -0.3, 0.8, 0.1, -1 / 0.7],      # off the origin, generic
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1 / 2.0],          # along the axis: the rotation moves nothing
+    [20.0, 0.0, 0.0, 0.0, 0.01, 0.0, 1.0, 1 / 2.0],        # nearly along z
+    [500.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1 / _LOOPER_PT],  # the looper: rotation = shift along it
+])
+
+
+def _with_rotation_relation(solve, function):
+    from pyhybrid.kernels import propagation
+
+    propagation.ROTATION_RELATION = solve
+    try:
+        return function()
+    finally:
+        propagation.ROTATION_RELATION = True
+
+
+def test_the_rotation_relation_gives_the_stepped_jacobian_and_steps_where_it_cannot():
+    """In the axially symmetric solenoid one direction column follows from the rotation about z
+    (propagation._RotationRelation); where its coefficient is small (directions near z, a helix
+    centred on the axis) a second loop steps it. Both give the Jacobian of stepping every column."""
+    from pyhybrid.kernels import propagation
+
+    field = fields.SolenoidField(*[dr.opaque(F64.Float, v) for v in SOLENOID])
+    params = kernel_params(ROTATION_STARTS)
+    direction = tuple(v / dr.norm(params.direction) for v in params.direction)
+    start = propagation._SegmentStart.of(field, params.position, direction, 0.299792458e-3 * params.qop,
+                                         PropagationOptions(), False)
+    assert start.rotation is not None
+    assert np.array(start.rotation.stepped).tolist() == [False, False, True, True, True]
+    jacobians = [_with_rotation_relation(solve, lambda: _transport(ROTATION_STARTS, SOLENOID, RK4(5.0),
+                                                                    jacobian=True)[1])
+                 for solve in (True, False)]
+    scale = np.abs(jacobians[1]).max(axis=(0, 1), keepdims=True) + 1e-12
+    assert (np.abs(jacobians[0] - jacobians[1]) / scale).max() < 1e-11
+    assert np.abs(jacobians[1][:, :3, 4:7]).max() > 100.0  # direction columns that matter
+
+
+def test_the_rotation_relation_through_layers_in_both_precisions():
+    """Propagator gradients (track, field, layer parameters) with D1 solved for equal those with every
+    column stepped: to 1e-10 in float64; in float32 both stay within 1e-4 of the float64 ones. Four
+    tracks from the origin need D1 stepped (the second loop): three within 11 degrees of the z axis
+    (|c1| = sin theta < 0.2) and a curler (p_T = 60 MeV, transverse radius 100 mm) whose second
+    segment starts at R = 141 mm, close to sqrt(2) times it (c1 ~ 1 - R^2 / (2 rho^2) ~ 0)."""
+    tracks = _tracks(64, 5)
+    directions = torch.tensor([[0.19, 0.0, 0.982], [0.0, -0.15, -0.989], [0.1, 0.1, 0.99], [0.6, 0.8, 0.0]])
+    tracks[:4, :3] = 0.0
+    tracks[:4, 4:7] = directions / directions.norm(dim=1, keepdim=True)
+    tracks[3, 7] = 1 / 0.06
+    tracks[4:8, 7] = torch.tensor([3.0, -3.0, 2.5, -2.5])  # p ~ 0.35 GeV: curling in 2 T
+
+    def gradients(dtype):
+        prop = Propagator(SolenoidField(2.0, 1200.0, 1500.0, requires_grad=True),
+                          barrel([40.0, 141.0, 300.0], half_length=1400.0), trainable_positions=True,
+                          trainable_thickness=True, freeze_kernels=False).to(dtype)
+        params = tracks.to(dtype).clone().requires_grad_()
+        out = prop(params)
+        assert out.valid[:4, :2].all()  # the tracks that step D1 hit the first two layers
+        (out.local.square().sum() + out.path_length.sum() + out.free.square().sum()).backward()
+        return torch.cat([params.grad.flatten(), *(p.grad.flatten() for p in prop.parameters())]).double()
+
+    solved, stepped = (_with_rotation_relation(solve, lambda: gradients(torch.float64)) for solve in (True, False))
+    scale = stepped.abs().max()
+    assert ((solved - stepped).abs() / scale).max() < 1e-10
+    for solve in (True, False):
+        single = _with_rotation_relation(solve, lambda: gradients(torch.float32))
+        assert ((single - stepped).abs() / scale).max() < 1e-4
+
+
 def _tracks(n, seed, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
     eta = torch.empty(n, dtype=dtype).uniform_(-1.2, 1.2, generator=generator)

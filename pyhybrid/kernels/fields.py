@@ -13,6 +13,8 @@ none); the transport then carries one column for q/p and theta (see ``propagatio
 ``spatially_constant``: dB/dr = 0 everywhere (the transport then carries no position columns:
 the exact Jacobian costs what the ACTS one does, and equals it). A subclass of
 :class:`UniformField` whose field varies in space must set it to False.
+``symmetric_about_z`` (optional, default False): B(R r) = R B(r) for every rotation R about the z
+axis; the exact transport then steps one tangent column fewer (see ``propagation._RotationRelation``).
 
 Fields
 ------
@@ -73,6 +75,7 @@ class SolenoidField:
     names = ("b0", "radius", "half_length")
     proportional_to = "b0"
     spatially_constant = False
+    symmetric_about_z = True  # B(R r) = R B(r) for rotations R about z (see propagation._RotationRelation)
 
     def __init__(self, b0, radius, half_length):
         self.b0 = b0

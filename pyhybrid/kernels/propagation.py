@@ -1047,7 +1047,7 @@ def _transport_covariance(cov, surface_state, after_state, local, interaction, o
     return [[dr.select(hit, a, c) for a, c in zip(row_a, row_c)] for row_a, row_c in zip(after, cov)]
 
 
-def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_tracks=None):
+def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_tracks=None, *, parameters: bool = True):
     """Reverse sweep over layers: J^T g for the outputs of :func:`propagate_layers`.
 
     grad_free, grad_local, grad_path: gradients of a scalar loss with respect to the layer outputs,
@@ -1057,7 +1057,8 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
     ``(grad_initial, grad_field, grad_positions, grad_thickness)``: 8 arrays over tracks for the
     initial free parameters (direction: with respect to the un-normalised input), and per-lane
     contributions for the field parameters (list of n_field arrays) and each layer's position and
-    thickness (lists over layers), to be summed over lanes by the caller.
+    thickness (lists over layers), to be summed over lanes by the caller; without ``parameters``
+    only the first (the others are None).
     """
     n_field = record.n_field
     n_columns = 8 + n_field + 2
@@ -1093,10 +1094,13 @@ def layers_vjp(record: JacobianRecord, grad_free, grad_local, grad_path, n_track
                 if tg is not None:
                     column_grad[j] = dr.fma(weight, tg, column_grad[j])
         adjoint = [dr.select(hit, column_grad[j], adjoint[j]) for j in range(8)]
-        for g in range(n_field):
-            grad_field[g] = grad_field[g] + dr.select(hit, column_grad[8 + g], 0.0)
-        grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
-        grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
+        if parameters:
+            for g in range(n_field):
+                grad_field[g] = grad_field[g] + dr.select(hit, column_grad[8 + g], 0.0)
+            grad_positions[k] = dr.select(hit, column_grad[8 + n_field], 0.0)
+            grad_thickness[k] = dr.select(hit, column_grad[9 + n_field], 0.0)
+    if not parameters:
+        grad_field = grad_positions = grad_thickness = None
     # All layers in one kernel: each layer's record is read once and the adjoint stays in registers
     # (one kernel per layer wrote and read it back: 10.9 vs 12.6 ms for ten layers, 50 000 tracks).
     # Evaluated before the gathers below, which would otherwise evaluate each gathered array's sweep apart.

@@ -597,12 +597,13 @@ def _n_tracks(types, n: int):
     return dr.opaque(types.UInt32, n)
 
 
-def _vjp_sums(record, grad_free, grad_local, grad_path, n_tracks):
-    """J^T g: gradients of the 8 initial parameters (arrays over tracks), and one array with the lane sums of
-    the field, position and thickness gradients (n_field + 2 L entries, in that order: one array
-    to hand to torch instead of a 1-lane array each)."""
-    initial, field, positions, thickness = kprop.layers_vjp(record, grad_free, grad_local, grad_path, n_tracks)
-    sums = kprop.row_major([dr.sum(a) for a in (*field, *positions, *thickness)])
+def _vjp_sums(record, grad_free, grad_local, grad_path, n_tracks, parameters: bool):
+    """J^T g: gradients of the 8 initial parameters (arrays over tracks), and (if ``parameters``, else None)
+    one array with the lane sums of the field, position and thickness gradients (n_field + 2 L
+    entries, in that order: one array to hand to torch instead of a 1-lane array each)."""
+    initial, field, positions, thickness = kprop.layers_vjp(record, grad_free, grad_local, grad_path, n_tracks,
+                                                            parameters=parameters)
+    sums = kprop.row_major([dr.sum(a) for a in (*field, *positions, *thickness)]) if parameters else None
     dr.eval(initial, sums)
     return initial, sums
 
@@ -615,11 +616,17 @@ def _propagate_vjp(record, grad_outputs, needs, *, layers, options, field, jacob
                             layer_gradient)
     vjp = _frozen(config).vjp if _freezable(freeze, options) else _vjp_sums
     norm = record.direction_norm  # one lane per track
-    initial, sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(norm), dr.width(norm)))
+    # Without field or layer gradients (none of them requires grad) the sweep skips their columns.
+    parameters = field_gradient or layer_gradient
+    initial, sums = vjp(record, *grad_outputs[:3], _n_tracks(types_of(norm), dr.width(norm)), parameters)
     n_layers = len(layers)
     # In the (N, 8) layout by a Dr.Jit kernel (outside the recording, whose allocations keep their
     # recorded size): torch.stack of the 8 columns took ~1 ms at 50 000 tracks (fresh pages).
-    grads = [kprop.row_major(initial), *torch.split(sums.torch(), [dr.width(sums) - 2 * n_layers, n_layers, n_layers])]
+    grads = [kprop.row_major(initial)]
+    if parameters:
+        grads += torch.split(sums.torch(), [dr.width(sums) - 2 * n_layers, n_layers, n_layers])
+    else:
+        grads += [None] * 3
     if with_covariance:
         grads.append(None)
     return tuple(grads)

@@ -63,6 +63,7 @@ ROTATION_STARTS = np.array([
     [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1 / 2.0],          # along the axis: the rotation moves nothing
     [20.0, 0.0, 0.0, 0.0, 0.01, 0.0, 1.0, 1 / 2.0],        # nearly along z
     [500.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1 / _LOOPER_PT],  # the looper: rotation = shift along it
+    [0.0, 0.0, 0.0, 0.0, 0.05, 0.43, 0.9, 1 / 2.0],        # 26 degrees from z: e1 from the x axis, D2 solved
 ])
 
 
@@ -78,7 +79,7 @@ def _with_rotation_relation(solve, function):
 
 def test_the_rotation_relation_gives_the_stepped_jacobian_and_steps_where_it_cannot():
     """In the axially symmetric solenoid one direction column follows from the rotation about z
-    (propagation._RotationRelation); where its coefficient is small (directions near z, a helix
+    (propagation._RotationRelation); where both coefficients are small (directions near z, a helix
     centred on the axis) a second loop steps it. Both give the Jacobian of stepping every column."""
     from pyhybrid.kernels import propagation
 
@@ -88,7 +89,8 @@ def test_the_rotation_relation_gives_the_stepped_jacobian_and_steps_where_it_can
     start = propagation._SegmentStart.of(field, params.position, direction, 0.299792458e-3 * params.qop,
                                          PropagationOptions(), False)
     assert start.rotation is not None
-    assert np.array(start.rotation.stepped).tolist() == [False, False, True, True, True]
+    assert np.array(start.rotation.stepped).tolist() == [False, False, True, True, True, False]
+    assert np.array(start.rotation.solve_second).tolist()[-1]  # |c1| = 0.05 there, |c2| = 0.43
     jacobians = [_with_rotation_relation(solve, lambda: _transport(ROTATION_STARTS, SOLENOID, RK4(5.0),
                                                                     jacobian=True)[1])
                  for solve in (True, False)]
@@ -98,17 +100,19 @@ def test_the_rotation_relation_gives_the_stepped_jacobian_and_steps_where_it_can
 
 
 def test_the_rotation_relation_through_layers_in_both_precisions():
-    """Propagator gradients (track, field, layer parameters) with D1 solved for equal those with every
-    column stepped: to 1e-10 in float64; in float32 both stay within 1e-4 of the float64 ones. Four
+    """Propagator gradients (track, field, layer parameters) with a direction column solved for equal
+    those with every column stepped: to 1e-10 in float64; in float32 both stay within 1e-4 of the float64 ones. Four
     tracks from the origin need D1 stepped (the second loop): three within 11 degrees of the z axis
-    (|c1| = sin theta < 0.2) and a curler (p_T = 60 MeV, transverse radius 100 mm) whose second
-    segment starts at R = 141 mm, close to sqrt(2) times it (c1 ~ 1 - R^2 / (2 rho^2) ~ 0)."""
+    (sin theta < 0.2) and a curler (p_T = 60 MeV, transverse radius 100 mm) whose second segment
+    starts at R = 141 mm, close to sqrt(2) times it (c ~ 1 - R^2 / (2 rho^2) ~ 0). A fifth, 26
+    degrees from z, solves for D2 (its e1 is built from the x axis)."""
     tracks = _tracks(64, 5)
-    directions = torch.tensor([[0.19, 0.0, 0.982], [0.0, -0.15, -0.989], [0.1, 0.1, 0.99], [0.6, 0.8, 0.0]])
-    tracks[:4, :3] = 0.0
-    tracks[:4, 4:7] = directions / directions.norm(dim=1, keepdim=True)
+    directions = torch.tensor([[0.19, 0.0, 0.982], [0.0, -0.15, -0.989], [0.1, 0.1, 0.99], [0.6, 0.8, 0.0],
+                               [0.05, 0.43, 0.9]])
+    tracks[:5, :3] = 0.0
+    tracks[:5, 4:7] = directions / directions.norm(dim=1, keepdim=True)
     tracks[3, 7] = 1 / 0.06
-    tracks[4:8, 7] = torch.tensor([3.0, -3.0, 2.5, -2.5])  # p ~ 0.35 GeV: curling in 2 T
+    tracks[5:9, 7] = torch.tensor([3.0, -3.0, 2.5, -2.5])  # p ~ 0.35 GeV: curling in 2 T
 
     def gradients(dtype):
         prop = Propagator(SolenoidField(2.0, 1200.0, 1500.0, requires_grad=True),
@@ -116,7 +120,7 @@ def test_the_rotation_relation_through_layers_in_both_precisions():
                           trainable_thickness=True, freeze_kernels=False).to(dtype)
         params = tracks.to(dtype).clone().requires_grad_()
         out = prop(params)
-        assert out.valid[:4, :2].all()  # the tracks that step D1 hit the first two layers
+        assert out.valid[:5, :2].all()  # the special tracks hit the first two layers
         (out.local.square().sum() + out.path_length.sum() + out.free.square().sum()).backward()
         return torch.cat([params.grad.flatten(), *(p.grad.flatten() for p in prop.parameters())]).double()
 

@@ -15,6 +15,7 @@ the exact Jacobian costs what the ACTS one does, and equals it). A subclass of
 :class:`UniformField` whose field varies in space must set it to False.
 ``symmetric_about_z`` (optional, default False): B(R r) = R B(r) for every rotation R about the z
 axis; the exact transport then steps one tangent column fewer (see ``propagation._RotationRelation``).
+A subclass of :class:`SolenoidField` that breaks the symmetry must set it to False.
 
 Fields
 ------

@@ -357,7 +357,7 @@ class _SegmentStart:
     field_gradient: bool      # carry the field-parameter columns
     position_columns: bool    # carry the position columns (False: the transport neglects dB/dr)
     proportional: int | None  # index of the field parameter theta with B = theta B^ (one column for it and q/p)
-    rotation: "_RotationRelation | None" = None  # D1 follows from the other columns (see _RotationRelation)
+    rotation: "_RotationRelation | None" = None  # a direction column follows from the others (_RotationRelation)
 
     @classmethod
     def of(cls, field, r, t, lam, options: PropagationOptions, field_gradient: bool):
@@ -379,15 +379,17 @@ class _SegmentStart:
         translations); direction along e1, e2; q/p; the field parameters (if ``field_gradient``).
         Only two direction columns are needed: directions stay unit vectors, so their variations
         are perpendicular to them. The position column along t0 follows from the flow property
-        (see :func:`_segment_duals`), and with ``rotation`` the direction column along e1 too
-        (see :class:`_RotationRelation`). For a field proportional to one of its parameters theta
+        (see :func:`_segment_duals`), and with ``rotation`` one of the direction columns too: the
+        loop then carries one direction column, along ``rotation.carried`` (e1 or e2 per lane; see
+        :class:`_RotationRelation`). For a field proportional to one of its parameters theta
         (the solenoid's b0, a map's scale) the q/p and theta columns are one column, d/d(lambda theta).
         """
         none = (None, None, None)
         columns = [TangentColumn(self.e1, none), TangentColumn(self.e2, none)] if self.position_columns else []
         if self.rotation is None:
-            columns.append(TangentColumn(none, self.e1))
-        columns.append(TangentColumn(none, self.e2))
+            columns += [TangentColumn(none, self.e1), TangentColumn(none, self.e2)]
+        else:
+            columns.append(TangentColumn(none, self.rotation.carried))
         if self.proportional is None:
             columns.append(TangentColumn(none, none, d_lambda=B_CURVATURE))
         else:
@@ -399,10 +401,13 @@ class _SegmentStart:
 
 
 
-#: Solve for D1 where the field is symmetric about the z axis (see :class:`_RotationRelation`);
-#: False steps every column (the tests compare the two).
+#: Solve for a direction column where the field is symmetric about the z axis (see
+#: :class:`_RotationRelation`); False steps every column (the tests compare the two). Read when the
+#: kernels are traced: a frozen recording (``Propagator(freeze_kernels=True)``) keeps the setting it
+#: was recorded with.
 ROTATION_RELATION = True
-#: Smallest |c1| (see :class:`_RotationRelation`) for which D1 is solved for instead of stepped.
+#: Smallest coefficient (see :class:`_RotationRelation`) for which a direction column is solved for
+#: instead of stepped.
 ROTATION_MIN_COEFFICIENT = 0.2
 
 
@@ -421,17 +426,27 @@ class _RotationRelation:
 
         (z x r, z x T) = alpha1 P1 + alpha2 P2 + alpha_t y'(s) + c1 D1 + c2 D2,   c_i = beta_i - alpha_t kappa_i,
 
-    which gives D1 without stepping it where |c1| >= :data:`ROTATION_MIN_COEFFICIENT` (e1 is
-    perpendicular to t0 and z, so |beta1| = sin theta). The stepping loop then carries four columns
-    instead of five: 1685 instead of 1954 instructions per iteration of the compiled float32 loop
-    (AVX-512), a gradient call 9-10 % shorter in the benchmark. The lanes where c1 is small
-    (directions near the z axis, a helix centred on the axis, for which the rotation is a shift
-    along the track) step D1 in a second loop of their own (:func:`_step_segment`), in a branch
-    that the SIMD packets (GPU warps) without such a lane skip. (Stepping D1 in a branch inside
-    the one loop kept it in the loop's state, and saved only 2-5 %.) Where D1 is solved for,
-    rounding is amplified by about |z x r| / (|c1| s) for a segment of length s at distance
-    |z x r| from the axis; the benchmark's float32 gradients stay as close to the float64 ones as
-    with D1 stepped (1e-6 relative), and in float64 the two agree to ~1e-13.
+    which gives, per lane, the direction column with the larger |c_i| from the other one (``carried``
+    is the start direction of the column the loop carries) where that |c_i| is at least
+    :data:`ROTATION_MIN_COEFFICIENT` ((beta1, beta2) are the components of z x t0, of length
+    sin theta; for a helix from the origin, at transverse radius R on a circle of radius rho, the
+    largest |c_i| is about sin theta (1 - sin^2 theta R^2 / (2 rho^2))). The stepping loop then carries
+    four columns instead of five: 1685 instead of 1954 instructions per iteration of the compiled
+    float32 loop (AVX-512), a gradient call 9-10 % shorter in the benchmark. The lanes below the
+    threshold (directions within 12-16 degrees of the z axis, a helix centred on the axis, for which
+    the rotation is a shift along the track) step the column in a second loop of their own
+    (:func:`_step_segment`), in a branch that the SIMD packets (GPU warps) without such a lane
+    skip. (Stepping it in a branch inside the one loop kept it in the loop's state, and saved only
+    2-5 %.)
+
+    Accuracy. The solved column inherits the flow property's truncation error (the discrete steps
+    satisfy it to the stepper's local error), amplified by |alpha_t / c_i|: in float64 it agrees
+    with the stepped column to 1e-11 with 5 mm RK4 steps, 1e-7 with 50 mm and 2e-5 with 200 mm
+    steps, and neither is closer to finite differences of the discrete map. Rounding is amplified
+    by about |z x r| / (|c_i| s) for a segment of length s at distance |z x r| from the axis: in
+    float32 a very short segment far from the axis (s ~ 1 mm at R ~ 1 m) has its direction column
+    only to ~1e-4 of its size (2e-6 stepped); the benchmark's float32 gradients are as close to
+    the float64 ones as with every column stepped.
     """
 
     alpha1: object
@@ -439,7 +454,10 @@ class _RotationRelation:
     alpha_t: object
     c1: object
     c2: object
-    stepped: object  # lanes whose D1 is stepped (|c1| small)
+    solve_second: object  # lanes that solve for D2 (and carry D1); the others solve for D1
+    stepped: object       # lanes that step the solved-for column (coefficient too small)
+    carried: tuple        # start direction of the column the loop carries: e2 or e1 per lane
+    solved: tuple         # start direction of the other one: e1 or e2
 
     @classmethod
     def of(cls, r, t, e1, e2, k0):
@@ -447,16 +465,26 @@ class _RotationRelation:
         alpha_t = dm.dot(t, z_cross_r)
         c1 = dm.dot(e1, z_cross_t) - alpha_t * dm.dot(k0, e1)
         c2 = dm.dot(e2, z_cross_t) - alpha_t * dm.dot(k0, e2)
-        return cls(dm.dot(e1, z_cross_r), dm.dot(e2, z_cross_r), alpha_t, c1, c2,
-                   ~(dr.abs(c1) >= ROTATION_MIN_COEFFICIENT))
+        solve_second = dr.abs(c2) > dr.abs(c1)
+        largest = dr.maximum(dr.abs(c1), dr.abs(c2))
+        carried = tuple(dr.select(solve_second, a, b) for a, b in zip(e1, e2))
+        solved = tuple(dr.select(solve_second, b, a) for a, b in zip(e1, e2))
+        return cls(dm.dot(e1, z_cross_r), dm.dot(e2, z_cross_r), alpha_t, c1, c2, solve_second,
+                   ~(largest >= ROTATION_MIN_COEFFICIENT), carried, solved)
 
-    def solve(self, end, p1, p2, flow, d2, stepped_d1):
-        """D1 at the end of the segment, one 3-vector (the r or the T part: ``end``, ``flow`` = y'(s) and
-        the columns' parts alike) from the others; ``stepped_d1`` where it was stepped."""
-        inverse = 1.0 / dr.select(self.stepped, 1.0, self.c1)
-        solved = [(g - self.alpha1 * a - self.alpha2 * b - self.alpha_t * f - self.c2 * d) * inverse
-                  for g, a, b, f, d in zip(_z_cross(end), p1, p2, flow, d2)]
-        return tuple(dr.select(self.stepped, c, x) for c, x in zip(stepped_d1, solved))
+    def solve(self, end, p1, p2, flow, carried, stepped_column):
+        """(D1, D2) at the end of the segment, one 3-vector each (the r or the T part: ``end``, ``flow`` =
+        y'(s) and the columns' parts alike), from the carried direction column and the others;
+        ``stepped_column`` where the other one was stepped."""
+        c_solved = dr.select(self.solve_second, self.c2, self.c1)
+        c_carried = dr.select(self.solve_second, self.c1, self.c2)
+        inverse = 1.0 / dr.select(self.stepped, 1.0, c_solved)
+        solved = [dr.select(self.stepped, x,
+                            (g - self.alpha1 * a - self.alpha2 * b - self.alpha_t * f - c_carried * d) * inverse)
+                  for g, a, b, f, d, x in zip(_z_cross(end), p1, p2, flow, carried, stepped_column)]
+        d1 = tuple(dr.select(self.solve_second, c, x) for c, x in zip(carried, solved))
+        d2 = tuple(dr.select(self.solve_second, x, c) for c, x in zip(carried, solved))
+        return d1, d2
 
 
 def _z_cross(v):
@@ -467,27 +495,30 @@ def _z_cross(v):
 def _step_segment(field, target, start: _SegmentStart | None, r, t, lam, options: PropagationOptions, active=None):
     """:func:`_step_to_target` with the segment's tangent columns (``start``: None for none).
 
-    Where D1 follows from the rotation relation the loop does not carry it. A second loop steps it
-    for the lanes where it cannot be solved for (taking the same steps), in a branch that the SIMD
-    packets (GPU warps) without such a lane skip. The returned loop's columns hold D1 at its place
-    in the order of :meth:`_SegmentStart.columns` without the relation (its start value in the
-    lanes where :func:`_segment_duals` solves for it).
+    Where a direction column follows from the rotation relation the loop does not carry it. A
+    second loop steps it for the lanes where it cannot be solved for (taking the same steps: the
+    same arithmetic on the same start; on CUDA, where the compiler may fuse multiply-adds
+    differently in the two loops, an adaptive stepper's step sizes could differ in the last bits),
+    in a branch that the SIMD packets (GPU warps) without such a lane skip. The returned loop's columns
+    are then P1, P2, that column (its start value in the lanes where :func:`_segment_duals` solves
+    for it), the carried direction column and the rest.
     """
     columns = None if start is None else start.columns()
     loop = _step_to_target(field, target, r, t, lam, options, columns, active)
     if start is not None and start.rotation is not None:
         stepped = start.rotation.stepped if active is None else active & start.rotation.stepped
 
-        def step_d1(r, t, lam, e1, stepped):
-            d1 = _step_to_target(field, target, r, t, lam, options, [TangentColumn((None,) * 3, e1)], stepped)
-            return d1.columns[0]
+        def step_column(r, t, lam, direction, stepped):
+            column = [TangentColumn((None,) * 3, direction)]
+            return _step_to_target(field, target, r, t, lam, options, column, stepped).columns[0]
 
-        def start_value(r, t, lam, e1, stepped):
+        def start_value(r, t, lam, direction, stepped):
             zero = 0.0 * r[0]
-            return (zero, zero, zero), tuple(zero + v for v in e1)
+            return (zero, zero, zero), tuple(zero + v for v in direction)
 
-        d1 = dr.if_stmt((tuple(r), tuple(t), lam, tuple(start.e1), stepped), stepped, step_d1, start_value)
-        loop.columns = [*loop.columns[:2], d1, *loop.columns[2:]]  # after P1, P2
+        other = dr.if_stmt((tuple(r), tuple(t), lam, start.rotation.solved, stepped), stepped, step_column,
+                           start_value)
+        loop.columns = [*loop.columns[:2], other, *loop.columns[2:]]  # after P1, P2
     return loop
 
 
@@ -499,7 +530,7 @@ def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int
     the flow property  d/dr0 . t0 + d/dT0 . k0 = y'(s)  (starting a little further along the
     track = arriving a little further), y'(s) = (T, lambda T x B) at the end. Without carried
     position columns (the transport neglects dB/dr) P1 = (e1, 0), P2 = (e2, 0): translations.
-    With ``start.rotation``, D1 follows from the others where it was not stepped (see
+    With ``start.rotation``, one of D1, D2 follows from the others where it was not stepped (see
     :class:`_RotationRelation`).
 
     For a field B = theta B^(r) (``start.proportional``) every Runge-Kutta stage k = lambda T x B
@@ -521,9 +552,10 @@ def _segment_duals(field, loop: _Loop, start: _SegmentStart, lam, n_columns: int
         q = _scaled_column(per_mu, B_CURVATURE * theta)
         field_columns.insert(start.proportional, _scaled_column(per_mu, lam))
     k_end = tuple(lam * c for c in dm.cross(loop.t, field.evaluate(loop.r)))
-    if start.rotation is not None:
-        d1 = tuple(start.rotation.solve(end, p1[which], p2[which], flow, d2[which], d1[which])
-                   for which, (end, flow) in enumerate(((loop.r, loop.t), (loop.t, k_end))))
+    if start.rotation is not None:  # d1: the solved-for (or stepped) column, d2: the carried one
+        parts = [start.rotation.solve(end, p1[which], p2[which], flow, d2[which], d1[which])
+                 for which, (end, flow) in enumerate(((loop.r, loop.t), (loop.t, k_end)))]
+        d1, d2 = tuple(part[0] for part in parts), tuple(part[1] for part in parts)
     along_e1, along_e2 = dm.dot(start.k0, start.e1), dm.dot(start.k0, start.e2)
 
     def duals(values, which, slope):

@@ -209,8 +209,6 @@ def _products(pairs, signs):
     for (p, q), sign in zip(pairs, signs):
         term = value(p) * value(q)
         total = term if total is None else (total + term if sign > 0 else total - term)
-    if total is None:
-        return total
     terms = [(x.tangents, value(y) if sign > 0 else -value(y)) for (p, q), sign in zip(pairs, signs)
              for x, y in ((p, q), (q, p)) if isinstance(x, Dual)]
     return Dual(total, _combine(terms)) if terms else total
